@@ -1,0 +1,207 @@
+"""Parameters and multiply-accumulates (MACs) per layer and per model.
+
+Conventions (the same everywhere in rankslim):
+
+* **MACs are per sample**: one forward pass of a single input of the given shape.  A Linear
+  applied to ``P`` positions (e.g. tokens) costs ``P * in * out`` MACs; a Conv2d costs
+  ``H_out * W_out * C_out * (C_in / groups) * kh * kw``.  Bias additions, BatchNorm and
+  activations are not counted, exactly as ``torch.utils.flop_counter.FlopCounterMode`` does
+  (which reports FLOPs = 2 x MACs for matmuls and convolutions).
+* **Parameters** are stored numbers.  Sparse layers count what a COO format would store: one
+  value and one index per non-zero (``2 * nnz``), as the DDLR paper counts them.
+
+Custom rankslim layers describe their own cost through ``rankslim_cost(in_shape, out_shape)``
+so the model-wide counter never needs to know every layer type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import InputShapeError
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Cost of one layer or model: ``params`` (stored numbers) and ``macs`` (per sample)."""
+
+    params: int = 0
+    macs: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.params + other.params, self.macs + other.macs)
+
+    def __sub__(self, other: "Cost") -> "Cost":
+        return Cost(self.params - other.params, self.macs - other.macs)
+
+    def get(self, quantity: str) -> int:
+        """Return ``params`` or ``macs`` by name."""
+        if quantity not in ("params", "macs"):
+            raise ValueError(f"unknown cost quantity {quantity!r}; use 'params' or 'macs'")
+        return int(getattr(self, quantity))
+
+
+def _numel_prod(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def conv2d_macs(conv: nn.Conv2d, out_shape: tuple[int, ...]) -> int:
+    """MACs of a Conv2d for one sample whose output is ``out_shape`` = (C_out, H_out, W_out)."""
+    c_out, h, w = out_shape[-3:]
+    kh, kw = conv.kernel_size
+    return int(h * w * c_out * (conv.in_channels // conv.groups) * kh * kw)
+
+
+def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:
+    """MACs of a Linear for one sample whose output is ``out_shape`` = (..., out_features)."""
+    positions = _numel_prod(out_shape[:-1])
+    return int(positions * lin.in_features * lin.out_features)
+
+
+def own_params(module: nn.Module) -> int:
+    """Parameters held directly by ``module`` (not its children)."""
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def leaf_cost(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Cost | None:
+    """Cost of one counted module given per-sample input and output shapes (no batch dim).
+
+    Returns ``None`` for modules that the cost model does not count as compute (BN, ReLU, ...);
+    their parameters are still counted by :func:`model_cost`.
+    """
+    custom = getattr(module, "rankslim_cost", None)
+    if callable(custom):
+        return custom(in_shape, out_shape)
+    if isinstance(module, nn.Conv2d):
+        return Cost(own_params(module), conv2d_macs(module, out_shape))
+    if isinstance(module, nn.Linear):
+        return Cost(own_params(module), linear_macs(module, out_shape))
+    return None
+
+
+@dataclass
+class LayerShapes:
+    """Per-sample input/output shapes of every module seen in one traced forward pass."""
+
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def make_input(input_shape: tuple[int, ...], batch: int = 1, model: nn.Module | None = None) -> torch.Tensor:
+    """A zero input of shape ``(batch, *input_shape)`` on the model's device and dtype."""
+    device, dtype = torch.device("cpu"), torch.float32
+    if model is not None:
+        p = next(iter(model.parameters()), None)
+        if p is not None:
+            device = p.device
+            dtype = p.dtype if p.is_floating_point() else dtype
+    return torch.zeros((batch, *input_shape), device=device, dtype=dtype)
+
+
+def trace_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> LayerShapes:
+    """Run one sample through ``model`` (eval mode, no grad) and record every module's shapes.
+
+    Only the first call of a module is recorded (modules reused in a forward pass keep their
+    first shapes).  The model's train/eval mode is restored afterwards.
+    """
+    shapes = LayerShapes()
+    handles = []
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args, out) -> None:
+            if name in shapes.inputs:
+                return
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.inputs[name] = tuple(args[0].shape[1:])
+            if isinstance(out, torch.Tensor):
+                shapes.outputs[name] = tuple(out.shape[1:])
+        return fn
+
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(make_input(tuple(input_shape), 1, model))
+    except Exception as exc:  # the model's own error is the most useful message
+        raise InputShapeError(
+            f"the model failed on an input of shape (1, {', '.join(map(str, input_shape))}): {exc}. "
+            "Pass the per-sample input shape the model expects (e.g. --input-shape 3,224,224)."
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def _counted_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Modules whose compute is counted, outermost first; children of a custom-cost module are skipped."""
+    skip_prefixes: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if callable(getattr(mod, "rankslim_cost", None)):
+            skip_prefixes.append(name + "." if name else "")
+            yield name, mod
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+            yield name, mod
+
+
+@dataclass
+class ModelCost:
+    """Model-wide cost: ``total`` and the per-layer costs of every counted layer."""
+
+    total: Cost
+    layers: dict[str, Cost]
+
+
+def model_cost(model: nn.Module, input_shape: tuple[int, ...], shapes: LayerShapes | None = None) -> ModelCost:
+    """Parameters and MACs of ``model`` for one sample of ``input_shape`` (no batch dim).
+
+    Parameters count every parameter of the model once (custom sparse layers count COO storage).
+    MACs count Conv2d, Linear and every rankslim layer.  Layers never called in the traced
+    forward pass contribute parameters but no MACs.
+    """
+    shapes = shapes or trace_shapes(model, input_shape)
+    layers: dict[str, Cost] = {}
+    counted_param_ids: set[int] = set()
+    total_macs = 0
+    custom_params = 0
+    for name, mod in _counted_modules(model):
+        if name not in shapes.outputs:
+            continue
+        c = leaf_cost(mod, shapes.inputs[name], shapes.outputs[name])
+        if c is None:
+            continue
+        layers[name] = c
+        total_macs += c.macs
+        if callable(getattr(mod, "rankslim_cost", None)):
+            # custom layers may count storage differently from numel (sparse COO)
+            custom_params += c.params
+            counted_param_ids.update(id(p) for p in mod.parameters())
+    plain = sum(p.numel() for p in model.parameters() if id(p) not in counted_param_ids)
+    return ModelCost(Cost(plain + custom_params, total_macs), layers)
+
+
+def flop_counter_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """MACs per sample as ``torch.utils.flop_counter.FlopCounterMode`` counts them (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(make_input(tuple(input_shape), 1, model))
+    except Exception as exc:
+        raise InputShapeError(f"the model failed on input shape {tuple(input_shape)}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    return int(fc.get_total_flops() // 2)

@@ -1,0 +1,82 @@
+"""Low-rank Linear (x -> V -> U) and channel-decomposed Conv2d (k x k conv to r channels, then 1 x 1).
+
+Both are made of plain ``nn.Linear`` / ``nn.Conv2d`` children, so the cost model, ONNX export
+and ``torch.save`` treat them like any other module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """``y = U (V x) + b`` with ``V: (rank, in)`` (child ``first``) and ``U: (out, rank)`` (child ``second``)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def like(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """An (uninitialised) low-rank layer with ``linear``'s sizes, bias, device and dtype."""
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                   device=w.device, dtype=w.dtype)
+
+    @torch.no_grad()
+    def set_factors(self, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
+        """Load ``U: (out, rank)``, ``V: (rank, in)`` and the bias ``(out,)``."""
+        self.second.weight.copy_(U)
+        self.first.weight.copy_(V)
+        if bias is not None and self.second.bias is not None:
+            self.second.bias.copy_(bias)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankConv2d(nn.Module):
+    """Channel decomposition: ``k x k`` conv ``C -> rank`` (child ``first``) then ``1 x 1`` conv ``rank -> N``.
+
+    The first conv keeps stride, padding, dilation and padding_mode of the original; the bias
+    moves to the 1 x 1 conv.  In the im2col view ``W: (N, C*kh*kw) ≈ U (N, r) @ V (r, C*kh*kw)``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("channel decomposition needs groups == 1")
+        self.rank = rank
+        w = conv.weight
+        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
+                               padding=conv.padding, dilation=conv.dilation, bias=False,
+                               padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+        self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None,
+                                device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
+        """An (uninitialised) channel-decomposed layer with ``conv``'s hyper-parameters."""
+        return cls(conv, rank)
+
+    @torch.no_grad()
+    def set_factors(self, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> "LowRankConv2d":
+        """Load ``U: (N, rank)``, ``V: (rank, C*kh*kw)`` and the bias ``(N,)``."""
+        self.second.weight.copy_(U.reshape(self.second.weight.shape))
+        self.first.weight.copy_(V.reshape(self.first.weight.shape))
+        if bias is not None and self.second.bias is not None:
+            self.second.bias.copy_(bias)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
