@@ -12,7 +12,7 @@ from torch import nn
 
 from .allocate import ALLOCATORS, Budget, CostTable, LayerOption
 from .allocate.base import AllocationContext, Ranks
-from .decompose.svd import RANDOMIZED_MIN_ENTRIES
+from .decompose.svd import LARGE_MIN_ENTRIES
 from .cost import Cost, flop_counter_macs, model_cost, trace_shapes
 from .errors import BudgetError, RankError, RankslimError
 from .methods import DecomposeContext, Method, get_method
@@ -213,8 +213,9 @@ def compress(
     notes = []
     solvers = sorted({str(r.info.get("solver")) for r in rows if r.info.get("solver")})
     if solvers:
-        notes.append(f"SVD solver(s) used: {', '.join(solvers)} (randomized when a matrix has at least "
-                     f"{RANDOMIZED_MIN_ENTRIES:,} entries and the rank is under half its smaller side)")
+        notes.append(f"SVD solver(s) used: {', '.join(solvers)} (matrices with at least {LARGE_MIN_ENTRIES:,} entries "
+                     "use the randomized range finder for ranks under 10% of the smaller side, else the Gram "
+                     "eigendecomposition; smaller ones an exact SVD)")
     timings["total"] = time.perf_counter() - t_start
     report = Report(rows=rows, skipped=[s.__dict__ for s in skipped], original=original, compressed=compressed,
                     budget={"params": params, "macs": macs, "ratio": ratio, "energy": energy},

@@ -1,0 +1,34 @@
+"""Shared test set-up: one thread per worker (the suite runs with -n 2 on 2 cores) and small models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+
+class TinyNet(nn.Module):
+    """A small conv net for 8x8 single-channel inputs (scikit-learn digits), with BN, a grouped conv and an FC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.conv3 = nn.Conv2d(32, 32, 1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(self.dw(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.fixture
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet().eval()
