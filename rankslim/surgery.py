@@ -104,8 +104,12 @@ def select_targets(
         tname = type(mod).__name__
         is_candidate = isinstance(mod, (nn.Conv2d, nn.Linear)) and type(mod) in (nn.Conv2d, nn.Linear)
         if not is_candidate:
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                # subclasses may use their weight outside forward (MultiheadAttention's out_proj does)
+                skipped.append(Skipped(name, tname, f"{tname} subclasses {type(mod).__mro__[1].__name__}; "
+                                                    "its weight may be used outside forward(), so it is left alone"))
             # only report leaves that actually hold weights: containers and BN are not of interest
-            if (isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.MultiheadAttention))
+            elif (isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.MultiheadAttention))
                     or (not list(mod.children()) and own_weight(mod) and not isinstance(mod, _NORM_TYPES))):
                 skipped.append(Skipped(name, tname, f"unsupported layer type {tname}"))
             continue

@@ -156,3 +156,9 @@ def test_transformer_linears_compress():
     assert "0.linear1" in names and "0.linear2" in names
     assert any("MultiheadAttention" in s["type"] for s in res.report.skipped)
     assert res.model(torch.randn(2, 6, 32)).shape == (2, 6, 32)
+
+
+def test_empty_calibration_data_is_refused(tiny_net):
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(rankslim.DataError):
+        rankslim.compress(tiny_net, params=0.5, input_shape=(1, 8, 8), data=empty)
