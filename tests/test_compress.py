@@ -96,7 +96,7 @@ def test_layer_kept_dense_when_not_cheaper():
 
 
 def test_explicit_full_rank_is_exact(tiny_net):
-    res = rankslim.compress(tiny_net, ranks={"conv2": 16, "fc1": 64}, input_shape=(1, 8, 8))
+    res = rankslim.compress(tiny_net, ranks={"conv2": 32, "fc1": 64}, input_shape=(1, 8, 8))
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(res.model(x), tiny_net(x), rtol=1e-4, atol=1e-5)
 
@@ -155,7 +155,11 @@ def test_transformer_linears_compress():
     names = {r.name for r in res.report.rows}
     assert "0.linear1" in names and "0.linear2" in names
     assert any("MultiheadAttention" in s["type"] for s in res.report.skipped)
-    assert res.model(torch.randn(2, 6, 32)).shape == (2, 6, 32)
+    x = torch.randn(2, 6, 32)
+    assert res.model(x).shape == (2, 6, 32)
+    # modules that read a child's .weight directly see the dense equivalent
+    lr = res.model[0].linear1
+    torch.testing.assert_close(lr.weight, lr.second.weight @ lr.first.weight)
 
 
 def test_empty_calibration_data_is_refused(tiny_net):

@@ -38,6 +38,17 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    # Some modules read their children's ``.weight``/``.bias`` directly (TransformerEncoderLayer's
+    # fast path does), so the dense equivalents are exposed, computed on demand and read-only.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent ``U @ V``: ``(out, in)``."""
+        return self.second.weight @ self.first.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -77,6 +88,16 @@ class LowRankConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent kernel ``(N, C, kh, kw)``."""
+        u = self.second.weight.flatten(1)
+        return (u @ self.first.weight.flatten(1)).reshape(u.shape[0], *self.first.weight.shape[1:])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
