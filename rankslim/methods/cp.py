@@ -1,0 +1,91 @@
+"""CP decomposition of conv kernels (Lebedev et al. 2015), fitted by our vectorised CP-ALS.
+
+Layer: 1x1 ``C -> R``, ``kh x 1`` depthwise, ``1 x kw`` depthwise, 1x1 ``R -> N`` (+ bias).
+Knob ``r`` is the CP rank, in ``[1, R_max]`` with ``R_max = floor(N C kh kw / (N + C + kh + kw))``:
+the rank at which the four factors store as many numbers as the kernel (a CP rank has no
+"exact" end; allocators never need more).
+
+``method_options``: ``n_iter`` (ALS sweeps, default 100), ``tol`` (stop when the relative error
+moves less, default 1e-7), ``init`` ("svd" | "random"), ``max_bytes`` (memory guard, default
+2 GiB: a larger estimate is refused with a message instead of a giant allocation).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cost import Cost
+from ..decompose.cp import DEFAULT_MAX_BYTES, cp_als
+from ..errors import RankError, UnsupportedLayerError
+from ..layers.cp import CPConv2d
+from ..layers.spatial import split_padding
+from ..surgery import Target
+from .base import DecomposeContext, Method, register
+from .spatial import conv_geometry
+from .tucker import _cum_energy, knob_spectrum
+
+
+def cp_cost(target: Target, rank: int) -> Cost:
+    """Exact cost of :class:`CPConv2d`: 1x1 at input resolution, vertical at ``H_out x W_in``, the rest at output."""
+    N, C, kh, kw, H_in, W_in, H_out, W_out = conv_geometry(target)
+    bias = N if target.has_bias else 0
+    params = rank * (C + kh + kw + N) + bias
+    macs = H_in * W_in * C * rank + H_out * W_in * rank * kh + H_out * W_out * rank * (kw + N)
+    return Cost(int(params), int(macs))
+
+
+@register
+class CPMethod(Method):
+    """Rank-R CP of the 4-way kernel by ALS, executed as pointwise / depthwise / depthwise / pointwise convs."""
+
+    name = "cp"
+    description = "CP decomposition (Lebedev et al. 2015) by CP-ALS: 1x1, kx1 dw, 1xk dw, 1x1"
+
+    def supports(self, target: Target) -> str | None:
+        if target.kind != "conv":
+            return "CP acts on conv kernels; for Linear layers use 'svd' or 'tt'"
+        kh, kw = target.module.kernel_size
+        if kh * kw == 1:
+            return "1x1 kernel: CP of a matrix is a truncated SVD; use 'svd'"
+        try:
+            split_padding(target.module)
+        except UnsupportedLayerError as exc:
+            return str(exc)
+        return None
+
+    def max_rank(self, target: Target) -> int:
+        N, C, kh, kw = target.module.weight.shape
+        return max(1, (N * C * kh * kw) // (N + C + kh + kw))
+
+    def cost(self, target: Target, rank: int) -> Cost:
+        return cp_cost(target, rank)
+
+    def spectrum(self, target: Target) -> torch.Tensor:
+        # no CP spectrum exists; map the knob range onto the im2col singular values (a proxy)
+        s = torch.linalg.svdvals(target.matrix.to(torch.float64))
+        kmax = self.max_rank(target)
+        e = _cum_energy(s, s.numel())
+        curve = [e[max(1, -(-r * s.numel() // kmax)) - 1] for r in range(1, kmax + 1)]
+        return knob_spectrum(curve, float((s ** 2).sum()))
+
+    def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
+        if not 1 <= rank <= self.max_rank(target):
+            raise RankError(f"CP rank {rank} is out of range for layer {target.name!r}: use [1, {self.max_rank(target)}]")
+        o = ctx.options
+        W = target.module.weight.detach()
+        try:
+            res = cp_als(W, rank, n_iter_max=int(o.get("n_iter", 100)), tol=float(o.get("tol", 1e-7)),
+                         init=str(o.get("init", "svd")), generator=ctx.generator,
+                         max_bytes=o.get("max_bytes", DEFAULT_MAX_BYTES))
+        except RankError as exc:
+            raise RankError(f"layer {target.name!r}: {exc}") from None
+        out_f, in_f, v_f, h_f = res.factors
+        bias = target.module.bias.detach() if target.has_bias else None
+        layer = CPConv2d.like(target.module, rank).set_factors(res.weights, out_f, in_f, v_f, h_f, bias)
+        return layer, {"rank": int(rank), "rel_error": res.rel_error, "n_iter": res.n_iter, "damping": res.damping}
+
+    def structure(self, module: nn.Module, info: dict) -> nn.Module:
+        return CPConv2d.like(module, int(info["rank"]))
+
+
+__all__ = ["CPMethod", "cp_cost"]
