@@ -54,5 +54,17 @@ class CPConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise_out(self.horizontal(self.vertical(self.pointwise_in(x))))
 
+    # Some modules read their children's ``.weight`` directly (TransformerEncoderLayer's fast path does):
+    # expose the dense equivalent, computed on demand and read-only.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent kernel ``(N, C, kh, kw)``."""
+        return torch.einsum("nr,rc,ri,rj->ncij", self.pointwise_out.weight[:, :, 0, 0], self.pointwise_in.weight[:, :, 0, 0],
+                            self.vertical.weight[:, 0, :, 0], self.horizontal.weight[:, 0, 0, :])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.pointwise_out.bias
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}"

@@ -73,5 +73,16 @@ class SpatialConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.horizontal(self.vertical(x))
 
+    # Some modules read their children's ``.weight`` directly (TransformerEncoderLayer's fast path does):
+    # expose the dense equivalent, computed on demand and read-only.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent kernel ``(N, C, kh, kw)``: ``sum_k H[n, k, j] V[k, c, i]``."""
+        return torch.einsum("nkj,kci->ncij", self.horizontal.weight[:, :, 0, :], self.vertical.weight[:, :, :, 0])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.horizontal.bias
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}"

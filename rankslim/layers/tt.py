@@ -96,6 +96,11 @@ class TTLinear(nn.Module):
         from ..decompose.tt import tt_to_matrix
         return tt_to_matrix(list(self.cores))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight, for modules that read ``.weight`` (the forward pass never uses it)."""
+        return self.weight_matrix()
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"in_factors={self.in_factors}, out_factors={self.out_factors}, ranks={self.ranks}")

@@ -53,5 +53,19 @@ class TuckerConv2d(nn.Module):
             x = self.first(x)
         return self.last(self.core(x))
 
+    # Some modules read their children's ``.weight`` directly (TransformerEncoderLayer's fast path does):
+    # expose the dense equivalent, computed on demand and read-only.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent kernel ``(N, C, kh, kw)``."""
+        k = torch.einsum("rsij,nr->nsij", self.core.weight, self.last.weight[:, :, 0, 0])
+        if self.first is not None:
+            k = torch.einsum("nsij,sc->ncij", k, self.first.weight[:, :, 0, 0])
+        return k
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.last.bias
+
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}"

@@ -74,3 +74,12 @@ def test_layer_is_exact_for_a_cp_kernel(conv: nn.Conv2d) -> None:
     x = torch.randn(2, C, 9, 10)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-4)
     assert layer.vertical.groups == R and layer.horizontal.groups == R
+
+
+def test_dense_weight_view() -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(4, 5, (3, 2))
+    fs = [torch.randn(n, 3, generator=g) for n in (5, 4, 3, 2)]
+    w = torch.rand(3, generator=g)
+    layer = CPConv2d.like(conv, 3).set_factors(w, *fs, None)
+    torch.testing.assert_close(layer.weight, cp_to_tensor(w, fs), rtol=1e-4, atol=1e-5)

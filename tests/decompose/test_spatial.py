@@ -64,3 +64,11 @@ def test_asymmetric_same_padding_is_refused() -> None:
     with pytest.raises(UnsupportedLayerError, match="asymmetric"):
         split_padding(conv)
     assert split_padding(nn.Conv2d(2, 2, 3, padding="same", dilation=2)) == (2, 2)
+
+
+def test_dense_weight_view() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (3, 2), bias=True)
+    layer = _separated(conv)
+    torch.testing.assert_close(layer.weight, conv.weight.detach(), rtol=1e-4, atol=1e-5)
+    assert layer.bias is layer.horizontal.bias

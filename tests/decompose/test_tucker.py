@@ -68,3 +68,13 @@ def test_full_rank_layer_is_exact(conv: nn.Conv2d) -> None:
         torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-5)
         assert layer.core.stride == conv.stride and layer.core.padding == conv.padding
         assert (layer.first is None) == (ranks[0] is None)
+
+
+def test_dense_weight_view() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, 3)
+    W = conv.weight.detach()
+    for ranks in ((5, 6), (None, 6)):
+        f = tucker2(W, ranks)
+        layer = TuckerConv2d.like(conv, ranks).set_factors(f.core, f.U_in, f.U_out, conv.bias.detach())
+        torch.testing.assert_close(layer.weight, W, rtol=1e-4, atol=1e-5)
