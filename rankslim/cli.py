@@ -57,6 +57,7 @@ def compress(
                                     help="data-aware methods see inputs from the already-compressed layers (eq. 1)"),
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="test images for accuracy (default all)"),
     seed: int = typer.Option(0, "--seed"),
+    onnx: bool = typer.Option(False, "--onnx", help="also export model.onnx and check it with onnxruntime"),
 ) -> None:
     """Compress MODEL and write the compressed model, report.json and report.md to --out."""
     from . import api, io
@@ -70,12 +71,11 @@ def compress(
                 macs = DEFAULT_MACS
         spec = resolve_model(model, input_shape=_shape(input_shape))
         dataset = data or spec.dataset
-        with console.status("compressing..."):
-            result = api.compress(
-                spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
-                input_shape=spec.input_shape, include=include or None, exclude=exclude or None,
-                min_params=min_params, round_to=round_to, data=dataset, calib_samples=calib_samples,
-                sequential=sequential, seed=seed, progress=False)
+        result = api.compress(
+            spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
+            input_shape=spec.input_shape, include=include or None, exclude=exclude or None,
+            min_params=min_params, round_to=round_to, data=dataset, calib_samples=calib_samples,
+            sequential=sequential, seed=seed, progress=console.is_terminal)
         result.plan.model_spec = spec.spec
         if dataset is not None:
             test_set = load_dataset(dataset, "test")
@@ -88,13 +88,13 @@ def compress(
             console.print(line)
         for s in result.report.skipped:
             console.print(f"[yellow]skipped[/] {s['name']} ({s['type']}): {s['reason']}")
-        _write_outputs(result, out, io)
-        console.print(f"[green]wrote[/] {out}/model.rankslim, report.json, report.md")
+        _write_outputs(result, out, io, onnx_shape=spec.input_shape if onnx else None)
+        console.print(f"[green]wrote[/] {out}/model.rankslim, report.json, report.md{', model.onnx' if onnx else ''}")
     except RankslimError as exc:
         _fail(exc)
 
 
-def _write_outputs(result, out: Path, io) -> None:
+def _write_outputs(result, out: Path, io, onnx_shape: Optional[tuple[int, ...]] = None) -> None:
     """Write everything into a temporary sibling directory, then move it into place (never half-written)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +102,11 @@ def _write_outputs(result, out: Path, io) -> None:
     try:
         io.save(result.model, tmp / "model.rankslim")
         result.report.save_json(tmp / "report.json")
+        if onnx_shape is not None:
+            from .export import export_onnx
+            chk = export_onnx(result.model, onnx_shape, tmp / "model.onnx")
+            result.report.metrics["onnx_max_abs_diff"] = chk.max_abs_diff
+            result.report.save_json(tmp / "report.json")
         (tmp / "report.md").write_text(result.report.to_markdown())
         if out.exists():
             shutil.rmtree(out)

@@ -16,9 +16,9 @@ TINY = "tests.conftest:TinyNet"
 def test_compress_writes_model_and_reports(tmp_path):
     out = tmp_path / "out"
     r = runner.invoke(app, ["compress", TINY, "--input-shape", "1,8,8", "--params", "0.5", "--data", "digits",
-                            "--eval-samples", "200", "--out", str(out)])
+                            "--eval-samples", "200", "--out", str(out), "--onnx"])
     assert r.exit_code == 0, r.output
-    assert {p.name for p in out.iterdir()} == {"model.rankslim", "report.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == {"model.rankslim", "report.json", "report.md", "model.onnx"}
     rep = json.loads((out / "report.json").read_text())
     assert rep["fractions"]["params"] <= 0.5
     assert 0.0 <= rep["metrics"]["accuracy_after"] <= 1.0
