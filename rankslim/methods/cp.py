@@ -61,12 +61,16 @@ class CPMethod(Method):
         return cp_cost(target, rank)
 
     def spectrum(self, target: Target) -> torch.Tensor:
-        # no CP spectrum exists; map the knob range onto the im2col singular values (a proxy)
+        # No CP spectrum exists.  Proxy: the im2col captured-energy curve, stretched linearly over the
+        # knob range (knob r ~ matrix rank r * k / R_max), so every knob step carries some energy.
         s = torch.linalg.svdvals(target.matrix.to(torch.float64))
-        kmax = self.max_rank(target)
-        e = _cum_energy(s, s.numel())
-        curve = [e[max(1, -(-r * s.numel() // kmax)) - 1] for r in range(1, kmax + 1)]
-        return knob_spectrum(curve, float((s ** 2).sum()))
+        k, kmax = s.numel(), self.max_rank(target)
+        e = torch.cat([torch.zeros(1, dtype=torch.float64), torch.tensor(_cum_energy(s, k), dtype=torch.float64)])
+        x = torch.arange(1, kmax + 1, dtype=torch.float64) * k / kmax
+        lo = x.floor().long().clamp(max=k)
+        hi = (lo + 1).clamp(max=k)
+        curve = e[lo] + (x - lo) * (e[hi] - e[lo])
+        return knob_spectrum(curve.tolist(), float((s ** 2).sum()))
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         if not 1 <= rank <= self.max_rank(target):
