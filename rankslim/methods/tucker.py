@@ -9,8 +9,8 @@ with at most :data:`TUCKER1_MAX_IN` channels, as Kim et al. do for the first lay
 
 Budget-free rank choice (Kim et al.): :meth:`TuckerMethod.evbmf_ranks` runs EVBMF on the two
 unfoldings; :meth:`TuckerMethod.evbmf_knob` is the smallest knob whose ranks cover them, and
-:func:`evbmf_knobs` gives that knob for every Conv2d of a model, ready for
-``compress(model, "tucker", ranks=evbmf_knobs(model, input_shape))``.
+:func:`evbmf_knobs` gives that knob for every target of a model, ready for
+``compress(model, "tucker", ranks=evbmf_knobs(model, input_shape))`` (also for "svd" and "spatial").
 """
 from __future__ import annotations
 
@@ -154,16 +154,28 @@ class TuckerMethod(Method):
         return TuckerConv2d.like(module, (None if r3 is None else int(r3), int(r4)))
 
 
-def evbmf_knobs(model: nn.Module, input_shape: Iterable[int], include: Iterable[str] | None = None,
-                exclude: Iterable[str] | None = None) -> dict[str, int]:
-    """EVBMF knob of every Conv2d target of ``model`` (Kim et al.'s budget-free rank selection).
+def evbmf_knobs(model: nn.Module, input_shape: Iterable[int], method: str = "tucker",
+                include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> dict[str, int]:
+    """Budget-free EVBMF rank knob of every target of ``model`` that ``method`` supports.
 
-    Use as ``compress(model, "tucker", ranks=evbmf_knobs(model, input_shape))``.
+    Methods defining ``evbmf_knob(target)`` (``tucker``: Kim et al.'s rule on the two channel
+    unfoldings; ``spatial``: on Tai's rearranged kernel) use it; any other method (e.g. ``svd``)
+    gets ``evbmf(target.matrix).rank`` clipped to ``[1, max_rank]``.  Use as
+    ``compress(model, method, ranks=evbmf_knobs(model, input_shape, method))``.
     """
+    from ..decompose.evbmf import evbmf
+    from .base import get_method
     shapes = trace_shapes(model, tuple(input_shape))
     targets, _ = select_targets(model, shapes, include, exclude)
-    m = TuckerMethod()
-    return {t.name: m.evbmf_knob(t) for t in targets if m.supports(t) is None}
+    m = get_method(method)
+    out: dict[str, int] = {}
+    for t in targets:
+        if m.supports(t) is not None:
+            continue
+        rule = getattr(m, "evbmf_knob", None)
+        k = rule(t) if callable(rule) else evbmf(t.matrix).rank
+        out[t.name] = max(1, min(int(k), m.max_rank(t)))
+    return out
 
 
 __all__ = ["TuckerMethod", "knob_to_ranks", "tucker_cost", "evbmf_knobs", "knob_spectrum", "is_tucker1",

@@ -155,3 +155,16 @@ def test_evbmf_knobs_are_budget_free_tucker_ranks() -> None:
     assert r3 >= 4 and r4 >= 6
     res = rankslim.compress(model, "tucker", ranks=knobs, input_shape=shape)
     assert {lp.name for lp in res.plan.layers} == set(knobs)
+
+
+def test_evbmf_knobs_for_svd_is_the_matrix_rank_rule() -> None:
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        mlp.fc1.weight.copy_(torch.randn(120, 7, generator=g) @ torch.randn(7, 256, generator=g) / 8
+                             + 1e-3 * torch.randn(120, 256, generator=g))
+    knobs = evbmf_knobs(mlp, MLP_SHAPE, method="svd")
+    assert knobs["fc1"] == 7
+    res = rankslim.compress(mlp, "svd", ranks=knobs, input_shape=MLP_SHAPE)
+    assert {lp.name: lp.info["rank"] for lp in res.plan.layers}["fc1"] == 7
