@@ -169,7 +169,8 @@ def compress(
         if not batches:
             raise RankslimError("the chosen method needs calibration data: pass data=... (dataset name, Dataset or DataLoader)")
         from .calibrate import Calibrator
-        calibrator = Calibrator(model, batches, sequential=sequential)
+        calibrator = Calibrator(model, batches, sequential=sequential, seed=seed,
+                                names=[t.name for t in targets if chosen[t.name].needs_data])
     timings["select"] = time.perf_counter() - t_start
 
     # allocate
@@ -257,7 +258,8 @@ def _build(work: nn.Module, targets: list[Target], chosen: Mapping[str, Method],
                                      dense.params, dense.params, dense.macs, dense.macs))
             else:
                 t0 = time.perf_counter()
-                stats = calibrator.stats_for(t, work) if (calibrator is not None and m.needs_data) else None
+                stats = (calibrator.stats_for(t, work, raw=getattr(m, "needs_raw", False))
+                         if (calibrator is not None and m.needs_data) else None)
                 ctx = DecomposeContext(generator=gen, solver=solver, stats=stats, options=dict(method_options or {}))
                 layer, info = m.decompose(t, r, ctx)
                 replace_modules(work, {t.name: layer})
