@@ -163,3 +163,64 @@ class AllocationContext:
     seed: int = 0
     eval_fn: Callable | None = None
     build: Callable | None = None
+
+
+class Allocation(dict):
+    """What an allocator may return instead of a plain ``{name: rank | None}`` dict.
+
+    It *is* that dict (so every caller that only wants ranks keeps working) and carries two
+    optional extras:
+
+    * ``scales``: ``{name: (max_rank,) float64 tensor}`` — per-singular-value factors of a layer's
+      spectrum (COBLA's ``P_j <- m_hat_j P_j``; zero outside the kept set ``S_sigma``).  A layer with
+      scales must be decomposed from ``unmatricize(U diag(scales * sigma) V^T)`` instead of its own
+      weight; :func:`rankslim.allocate.masked.apply_allocation_weights` does that (rank exactly
+      ``ranks[name]``, so the method's truncated SVD at that rank reproduces it exactly).
+    * ``info``: JSON-able diagnostics (solver time, iterations, objective values, what a
+      budget-free rule yields, ...).
+    """
+
+    def __init__(self, ranks: Mapping[str, "int | None"] | None = None,
+                 scales: Mapping[str, torch.Tensor] | None = None, info: dict | None = None) -> None:
+        super().__init__(ranks or {})
+        self.scales: dict[str, torch.Tensor] = dict(scales or {})
+        self.info: dict = dict(info or {})
+
+
+def budget_fractions(table: CostTable, ranks: Mapping[str, "int | None"]) -> dict[str, float]:
+    """Whole-model ``{"params": f, "macs": f}`` kept by ``ranks`` (fractions of ``table.original``)."""
+    t = table.total(ranks)
+    return {q: t.get(q) / max(table.original.get(q), 1) for q in ("params", "macs")}
+
+
+def scaled_ranks(table: CostTable, base: Mapping[str, "int | None"], t: float) -> Ranks:
+    """``base`` ranks multiplied by ``t`` in (0, 1] (dense layers count as ``max_rank``), decided per layer."""
+    out: Ranks = {}
+    for lo in table.layers:
+        b = base.get(lo.name)
+        b = lo.max_rank if b is None else int(b)
+        out[lo.name] = table.decide(lo, max(1, int(math.floor(t * b))))
+    return out
+
+
+def project_to_budget(table: CostTable, ranks: Mapping[str, "int | None"], budget: Budget,
+                      iters: int = 40) -> Ranks:
+    """``ranks`` if they fit ``budget``; else every rank scaled by the largest common factor ``t``
+    (bisection) that fits — the projection along the ray towards rank 1 used by the search allocators.
+
+    Call :meth:`CostTable.require_feasible` first: at ``t -> 0`` every layer is at rank 1, the
+    cheapest allocation, so the result always fits when the budget is feasible at all.
+    """
+    ranks = {lo.name: ranks.get(lo.name) for lo in table.layers}
+    if not budget.is_set() or table.fits(ranks, budget):
+        return ranks
+    lo_t, hi_t = 0.0, 1.0
+    best = scaled_ranks(table, ranks, 0.0)
+    for _ in range(iters):
+        mid = 0.5 * (lo_t + hi_t)
+        cand = scaled_ranks(table, ranks, mid)
+        if table.fits(cand, budget):
+            lo_t, best = mid, cand
+        else:
+            hi_t = mid
+    return best

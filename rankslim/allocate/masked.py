@@ -1,0 +1,202 @@
+"""Masked singular values: the network as a function of COBLA's masking variables ``m``.
+
+COBLA (Li & Shi, ECCV 2018, eqs. 3-4) writes every decomposed weight as a sum over the singular
+triplets of one matricization of the kernel, each switched by a mask ``m_ij``:
+
+    W_i(m_i) = unmat( sum_j m_ij * sigma_ij * U_ij V_ij^T )
+
+* ``svd`` (eq. 4, Zhang et al.'s channel scheme): the matricization is the im2col view
+  ``W.reshape(out, in * kh * kw)``;
+* ``spatial`` (eq. 3, Tai et al.'s vertical/horizontal scheme): Tai's rearrangement
+  ``T[W]: (C * kh, N * kw)`` (:func:`rankslim.decompose.spatial.spatial_matrix`).
+
+:class:`SpectralNet` evaluates the *original* model with the target weights replaced by
+``W_i(m_i)`` (``torch.func.functional_call``, so the user's modules are never touched); the masks
+may be any real vectors (relaxed masks in [0, 1] for COBLA, 0/1 prefixes for "rank r").  At a 0/1
+prefix mask of length ``r`` the replaced weight equals the rank-``r`` truncation the method would
+build, so the outputs equal those of the compressed model up to float32 rounding — which makes
+rank search cheap (one SVD per layer, no rebuild per candidate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import BudgetError
+
+#: method name -> (matricize(W) -> M, unmatricize(M, weight_shape) -> W)
+Scheme = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Size], torch.Tensor]]
+
+
+def _svd_mat(W: torch.Tensor) -> torch.Tensor:
+    return W.reshape(W.shape[0], -1)
+
+
+def _svd_unmat(M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return M.reshape(shape)
+
+
+def _spatial_mat(W: torch.Tensor) -> torch.Tensor:
+    from ..decompose.spatial import spatial_matrix
+    return spatial_matrix(W)
+
+
+def _spatial_unmat(M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # inverse of spatial_matrix: (C kh, N kw) -> (C, kh, N, kw) -> (N, C, kh, kw)
+    N, C, kh, kw = shape
+    return M.reshape(C, kh, N, kw).permute(2, 0, 1, 3)
+
+
+SCHEMES: dict[str, Scheme] = {"svd": (_svd_mat, _svd_unmat), "spatial": (_spatial_mat, _spatial_unmat)}
+
+
+def require_maskable(methods: Mapping[str, str], allocator: str) -> None:
+    """Raise :class:`BudgetError` unless every target's method is a singular-value-masking scheme."""
+    bad = sorted({m for m in methods.values() if m not in SCHEMES})
+    if bad:
+        raise BudgetError(
+            f"the {allocator} allocator masks the singular values of one matricization of each weight "
+            f"(COBLA eqs. 3-4), which only the methods {sorted(SCHEMES)} are; got {bad}. Use one of those "
+            "methods (methods={glob: 'svd'} for the others) or a spectrum-only allocator (cptv, pos-greedy, pos-cvx)")
+
+
+@dataclass
+class LayerSpectrum:
+    """SVD of one target's matricized weight: ``M = U diag(sigma) V^T``.
+
+    ``U: (a, k)``, ``sigma: (k,)`` descending, ``V: (b, k)`` (float32, for the forward pass),
+    ``shape``: the weight's shape, ``method``: the scheme name.
+    """
+
+    name: str
+    method: str
+    shape: torch.Size
+    U: torch.Tensor
+    sigma: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.sigma.numel())
+
+    def weight(self, scale: torch.Tensor) -> torch.Tensor:
+        """``unmat(U diag(scale * sigma) V^T)`` for ``scale: (k,)`` (differentiable in ``scale``)."""
+        M = (self.U * (scale.to(self.U.dtype) * self.sigma)) @ self.V.T
+        return SCHEMES[self.method][1](M, self.shape)
+
+
+def layer_spectrum(name: str, weight: torch.Tensor, method: str) -> LayerSpectrum:
+    """SVD (float64, stored float32) of ``weight`` matricized as ``method`` prescribes."""
+    mat, _ = SCHEMES[method]
+    M = mat(weight.detach().to(torch.float64))
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    return LayerSpectrum(name, method, weight.shape, U.float().contiguous(), s.float(), Vh.T.float().contiguous())
+
+
+def prefix_mask(k: int, r: int | None) -> torch.Tensor:
+    """0/1 mask keeping the first ``r`` of ``k`` singular values (``None``: all, the dense layer)."""
+    m = torch.zeros(k)
+    m[: k if r is None else int(r)] = 1.0
+    return m
+
+
+class SpectralNet:
+    """``model`` with each target weight a function of a per-singular-value scale vector.
+
+    ``targets``: :class:`rankslim.surgery.Target` objects of ``model``; ``methods``: target name
+    -> scheme ("svd" or "spatial").  The model is run in eval mode (BatchNorm running statistics).
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence, methods: Mapping[str, str]) -> None:
+        require_maskable({t.name: methods[t.name] for t in targets}, "masked-spectrum")
+        self.model = model
+        self.layers = [layer_spectrum(t.name, t.module.weight, methods[t.name]) for t in targets]
+        self.by_name = {ls.name: ls for ls in self.layers}
+
+    def forward(self, x: torch.Tensor, scales: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Outputs of the model on ``x`` with every layer in ``scales`` replaced by its scaled weight
+        (layers missing from ``scales`` keep their original weight)."""
+        from torch.func import functional_call
+        params = {f"{n}.weight": self.by_name[n].weight(s) for n, s in scales.items()}
+        was = self.model.training
+        self.model.eval()
+        try:
+            return functional_call(self.model, params, (x,), strict=False)
+        finally:
+            self.model.train(was)
+
+    def rank_scales(self, ranks: Mapping[str, "int | None"]) -> dict[str, torch.Tensor]:
+        """Prefix masks for ``ranks`` (``None`` layers are left at their original weight)."""
+        return {ls.name: prefix_mask(ls.k, ranks[ls.name]) for ls in self.layers if ranks.get(ls.name) is not None}
+
+    @torch.no_grad()
+    def predict(self, batches: Sequence[torch.Tensor], ranks: Mapping[str, "int | None"]) -> torch.Tensor:
+        """Top-1 predictions (concatenated over ``batches``) of the model truncated to ``ranks``."""
+        sc = self.rank_scales(ranks)
+        return torch.cat([self.forward(x, sc).argmax(dim=1) for x in batches])
+
+
+@torch.no_grad()
+def reference_logits(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of the untouched ``model`` (eval mode) on every batch: the targets of label-free losses."""
+    was = model.training
+    model.eval()
+    try:
+        return [model(x) for x in batches]
+    finally:
+        model.train(was)
+
+
+def ranks_agreement(model: nn.Module, targets: Sequence, methods: Mapping[str, str], batches: Sequence[torch.Tensor],
+                    ranks: Mapping[str, "int | None"], build: Callable | None = None,
+                    net: SpectralNet | None = None, reference: torch.Tensor | None = None) -> float:
+    """Fraction of calibration inputs on which the model truncated to ``ranks`` predicts the same
+    class as the original (a label-free accuracy proxy).  Uses ``net`` (masked spectra, no rebuild)
+    when given, else ``build(ranks)`` (any method)."""
+    if reference is None:
+        reference = torch.cat([z.argmax(1) for z in reference_logits(model, batches)])
+    if net is not None:
+        pred = net.predict(batches, ranks)
+    else:
+        if build is None:
+            raise BudgetError("cannot evaluate candidate ranks: the allocation context has no build() function")
+        cm = build(dict(ranks))
+        pred = torch.cat([z.argmax(1) for z in reference_logits(cm, batches)])
+    return float((pred == reference).float().mean())
+
+
+@torch.no_grad()
+def apply_allocation_weights(targets: Sequence, methods: Mapping[str, str], allocation: Mapping) -> list[str]:
+    """Give every target named in ``allocation.scales`` the weight ``unmat(U diag(scales * sigma) V^T)``.
+
+    This is how COBLA's singular-value scaling (``P_j <- m_hat_j P_j``, zero outside ``S_sigma``)
+    reaches the decomposition: the new weight has rank ``allocation[name]``, so the method's
+    truncated SVD at that rank reproduces it exactly.  Modifies the target modules in place (call
+    it on the working copy, after allocation and before decomposition); returns the layer names
+    changed.  A plain rank dict (no ``scales``) is a no-op.
+    """
+    scales = getattr(allocation, "scales", None) or {}
+    done = []
+    for t in targets:
+        s = scales.get(t.name)
+        if s is None or allocation.get(t.name) is None:
+            continue
+        method = methods[t.name]
+        if method not in SCHEMES:
+            raise BudgetError(f"layer {t.name!r}: singular-value scales need the svd or spatial method, got {method!r}")
+        w = t.module.weight
+        mat, unmat = SCHEMES[method]
+        M = mat(w.detach().to(torch.float64))
+        if s.numel() != min(M.shape):
+            raise BudgetError(f"layer {t.name!r}: {s.numel()} scales for {min(M.shape)} singular values")
+        U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
+        w.copy_(unmat((U * (s.to(torch.float64) * sig)) @ Vh, w.shape).to(w.dtype))
+        done.append(t.name)
+    return done
+
+
+__all__ = ["SCHEMES", "LayerSpectrum", "SpectralNet", "apply_allocation_weights", "layer_spectrum",
+           "prefix_mask", "ranks_agreement", "reference_logits", "require_maskable"]
