@@ -5,5 +5,6 @@ from . import spatial  # noqa: F401  (registers "spatial")
 from . import tucker  # noqa: F401  (registers "tucker")
 from . import cp  # noqa: F401  (registers "cp")
 from . import tt  # noqa: F401  (registers "tt")
+from . import prune, zhang, godec, grebdec  # noqa: F401  (registers "prune", "prune-data", "zhang", "godec", "grebdec", "grebdec-ls")
 
 __all__ = ["METHODS", "DecomposeContext", "Method", "get_method", "register"]
