@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..errors import BudgetError
 from .base import Allocation, AllocationContext, Budget, CostTable, Ranks, project_to_budget
 from .linear import linear_costs
-from .masked import SpectralNet, reference_logits, require_maskable
+from .masked import SpectralNet, prefix_mask, reference_logits, require_maskable
 
 LossGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
@@ -179,14 +179,16 @@ def _weights_loss(sigmas: list[torch.Tensor], order_idx, n_vars: int):
 def cobla_allocate(table: CostTable, budget: Budget, *, context: AllocationContext, maxiter: int = 50,
                    loss: str = "auto", max_vars: int | None = 2000, rounds: int = 1,
                    batches_per_eval: int | None = None, max_tries: int = 1000, scale: bool = True,
-                   seed: int | None = None) -> Allocation:
+                   rounding_candidates: int = 1, seed: int | None = None) -> Allocation:
     """COBLA rank allocation (see the module docstring for the algorithm and our deviations).
 
     ``maxiter``: SLSQP iterations in total (split over ``rounds``); ``loss``: "kl" (needs
     calibration batches), "weights" (data-free) or "auto" (kl when batches exist);
     ``max_vars``: cap on mask variables; ``batches_per_eval``: calibration batches per SLSQP round
     (``None``: all); ``max_tries``: randomized rounding attempts; ``scale``: return the ``m_hat``
-    singular-value scales (COBLA's second step); ``seed``: rounding/sub-sampling seed (default:
+    singular-value scales (COBLA's second step); ``rounding_candidates``: number of feasible
+    randomized roundings drawn, keeping the one with the lowest loss on all calibration batches
+    (1 = the paper: the first feasible draw; an extension, kl loss only); ``seed``: rounding/sub-sampling seed (default:
     the context's).  Returns an :class:`Allocation` whose ``info`` records the solver time
     (``sqp_seconds``), iterations, relaxed and rounded losses and rounding attempts.
     """
@@ -258,34 +260,50 @@ def cobla_allocate(table: CostTable, budget: Budget, *, context: AllocationConte
 
     m_hat = [torch.from_numpy(x)[idx] for idx in order_idx]  # per singular value, table order
     s_relaxed = np.array([float(m.sum()) for m in m_hat])
-    ranks, tries, how = randomized_round(s_relaxed, table, budget, gen, max_tries)
-    scales: dict[str, torch.Tensor] = {}
-    final: Ranks = {}
-    for lo, m in zip(table.layers, m_hat):
-        r = ranks[lo.name]
-        final[lo.name] = r
-        if r is None or not scale:
-            continue
-        score = m * lo.sigma.double().cpu()
-        keep = torch.argsort(score, descending=True)[:r]
-        sc = torch.zeros(lo.max_rank, dtype=torch.float64)
-        sc[keep] = m[keep].clamp_min(1e-12)  # a kept triplet must stay in the rank-r factorization
-        scales[lo.name] = sc
-    info = {"loss": kind, "variables": n, "singular_values": int(sum(ks)), "sqp_seconds": sqp_s,
-            "setup_seconds": setup_s, "sqp_iterations": nit, "sqp_evaluations": nfev,
-            "sqp_message": res.message if res else "", "loss_start": hist[0] if hist else math.nan,
-            "loss_relaxed": res.fun if res else math.nan, "relaxed_ranks": dict(zip(names, s_relaxed.tolist())),
-            "rounding": how, "rounding_tries": tries, "scaled": bool(scale)}
-    if net is not None:  # the loss of the rounded (and scaled) solution, for the record
-        sc_all = {n_: (scales[n_] if n_ in scales else torch.ones(k)).float() for n_, k in zip(names, ks)
-                  if final[n_] is not None}
+
+    def kept_scales(ranks: Ranks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(scales to return, masks to evaluate): S_sigma,i = the r_i largest m_hat * sigma."""
+        out, ev = {}, {}
+        for lo, m in zip(table.layers, m_hat):
+            r = ranks[lo.name]
+            if r is None:
+                continue
+            if not scale:
+                ev[lo.name] = prefix_mask(lo.max_rank, r)
+                continue
+            keep = torch.argsort(m * lo.sigma.double().cpu(), descending=True)[:r]
+            sc = torch.zeros(lo.max_rank, dtype=torch.float64)
+            sc[keep] = m[keep].clamp_min(1e-12)  # a kept triplet must stay in the rank-r factorization
+            out[lo.name] = ev[lo.name] = sc
+        return out, ev
+
+    def full_loss(ev: dict[str, torch.Tensor]) -> float:
         tot = sum(xb.shape[0] for xb in context.batches)
         val = 0.0
         with torch.no_grad():
             for xb, lp in zip(context.batches, ref):
-                z = net.forward(xb, sc_all)
+                z = net.forward(xb, {k_: v.float() for k_, v in ev.items()})
                 val += float(F.kl_div(F.log_softmax(z, 1), lp, log_target=True, reduction="sum")) / tot
+        return val
+
+    best = None
+    losses = []
+    for _ in range(max(1, int(rounding_candidates))):
+        ranks, tries, how = randomized_round(s_relaxed, table, budget, gen, max_tries)
+        scales, ev = kept_scales(ranks)
+        val = full_loss(ev) if net is not None else math.nan
+        losses.append(val)
+        if best is None or (net is not None and val < best[0]):
+            best = (val, ranks, scales, tries, how)
+    val, final, scales, tries, how = best
+    info = {"loss": kind, "variables": n, "singular_values": int(sum(ks)), "sqp_seconds": sqp_s,
+            "setup_seconds": setup_s, "sqp_iterations": nit, "sqp_evaluations": nfev,
+            "sqp_message": res.message if res else "", "loss_start": hist[0] if hist else math.nan,
+            "loss_relaxed": res.fun if res else math.nan, "relaxed_ranks": dict(zip(names, s_relaxed.tolist())),
+            "rounding": how, "rounding_tries": tries, "scaled": bool(scale), "rounding_candidates": len(losses)}
+    if net is not None:  # the loss of the rounded (and scaled) solution, for the record
         info["loss_rounded"] = val
+        info["loss_rounded_candidates"] = losses
     return Allocation(final, scales=scales, info=info)
 
 

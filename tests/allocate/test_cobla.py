@@ -173,3 +173,23 @@ def test_cobla_data_free_weights_loss(tiny_net):
                             allocator_options={"maxiter": 30})
     f = res.report.fractions()
     assert f["params"] <= 0.5 and f["macs"] <= 0.5
+
+
+def test_cobla_keeps_best_of_several_roundings(tiny_net):
+    from rankslim.allocate import ALLOCATORS
+    box = {}
+    orig = ALLOCATORS["cobla"]
+
+    def capture(table, budget, *, context, **kw):
+        box["a"] = orig(table, budget, context=context, **kw)
+        return box["a"]
+    ALLOCATORS["cobla"] = capture
+    try:
+        rankslim.compress(tiny_net, "svd", params=0.4, macs=0.4, allocator="cobla", data=_data(), calib_samples=96,
+                          input_shape=(1, 8, 8), allocator_options={"maxiter": 8, "rounding_candidates": 4})
+    finally:
+        ALLOCATORS["cobla"] = orig
+    info = box["a"].info
+    assert len(info["loss_rounded_candidates"]) == 4
+    assert info["loss_rounded"] == min(info["loss_rounded_candidates"])
+    assert set(box["a"].scales) == {n for n, r in box["a"].items() if r is not None}
