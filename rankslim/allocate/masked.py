@@ -150,24 +150,6 @@ def reference_logits(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[
         model.train(was)
 
 
-def ranks_agreement(model: nn.Module, targets: Sequence, methods: Mapping[str, str], batches: Sequence[torch.Tensor],
-                    ranks: Mapping[str, "int | None"], build: Callable | None = None,
-                    net: SpectralNet | None = None, reference: torch.Tensor | None = None) -> float:
-    """Fraction of calibration inputs on which the model truncated to ``ranks`` predicts the same
-    class as the original (a label-free accuracy proxy).  Uses ``net`` (masked spectra, no rebuild)
-    when given, else ``build(ranks)`` (any method)."""
-    if reference is None:
-        reference = torch.cat([z.argmax(1) for z in reference_logits(model, batches)])
-    if net is not None:
-        pred = net.predict(batches, ranks)
-    else:
-        if build is None:
-            raise BudgetError("cannot evaluate candidate ranks: the allocation context has no build() function")
-        cm = build(dict(ranks))
-        pred = torch.cat([z.argmax(1) for z in reference_logits(cm, batches)])
-    return float((pred == reference).float().mean())
-
-
 @torch.no_grad()
 def apply_allocation_weights(targets: Sequence, methods: Mapping[str, str], allocation: Mapping) -> list[str]:
     """Give every target named in ``allocation.scales`` the weight ``unmat(U diag(scales * sigma) V^T)``.
@@ -199,4 +181,4 @@ def apply_allocation_weights(targets: Sequence, methods: Mapping[str, str], allo
 
 
 __all__ = ["SCHEMES", "LayerSpectrum", "SpectralNet", "apply_allocation_weights", "layer_spectrum",
-           "prefix_mask", "ranks_agreement", "reference_logits", "require_maskable"]
+           "prefix_mask", "reference_logits", "require_maskable"]
