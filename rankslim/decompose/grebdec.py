@@ -21,6 +21,11 @@ Where we differ from the paper, and why:
   ``Ŵ A − N = −(I − QQᵀ) B``, whose projection on ``Q`` vanishes.
 * ``S₀ = P_Ω(N A⁻¹ − U₀V₀)`` after the first QR update (Algorithm 1 leaves S₀ open; from zero S
   would grow only by η-sized steps).  The objective is recorded from there on.
+* IHT with a small step keeps its support: started while ``UV`` has rank 1, S locks onto entries
+  that the later rank-r part explains (on planted problems it then stalls at a wrong support).
+  So each S step also evaluates the candidate ``P_Ω(N A⁻¹ − UV)`` (GoDec's exact S step in the
+  identity metric) and keeps whichever of the two lowers (4) more (``restart=True``; the count
+  is reported as ``restarts``).  Descent is preserved since step (5) alone already descends.
 * The S step is ``min(η, 1/σ_max(A))`` so it provably decreases (4) (reported as ``eta_used``).
 * After the rank reaches ``r`` the loop continues (fixed rank) until the relative change of F is
   below ``tol`` or ``max_iter`` outer iterations ran.
@@ -82,14 +87,15 @@ class LowRankSparseResult:
 
 def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: int, card: int, *,
             yy: float = 0.0, t: float = -2.0, eta: float = 1e-3, K: int = 2, delta_r: int | None = None,
-            r0: int = 1, max_iter: int = 30, tol: float = 1e-5,
+            r0: int = 1, max_iter: int = 30, tol: float = 1e-5, restart: bool = True,
             generator: torch.Generator | None = None) -> LowRankSparseResult:
     """Algorithm 1 of GreBdec: ``W: (m, k) ≈ U V + S`` with ``rank(UV) = rank`` and ``card(S) ≤ card``.
 
     ``XX: (k, k)``, ``YX: (m, k)``, ``n``, ``yy``: calibration sums (``Σ x xᵀ``, ``Σ y xᵀ``, columns,
     ``Σ‖y‖²`` — ``yy`` only shifts the recorded objective).  ``t``: λ = 10^t·σ_max(XX/n);
     ``eta``: S step (capped at 1/σ_max(A)); ``K``: QR updates are repeated ``K + 1`` times;
-    ``delta_r``: rank step (default ``ceil(rank/8)``); ``r0``: initial rank.
+    ``delta_r``: rank step (default ``ceil(rank/8)``); ``r0``: initial rank; ``restart``: also try
+    ``P_Ω(N A⁻¹ − UV)`` at every S step and keep it when it lowers (4) more than step (5).
     """
     t_start = time.perf_counter()
     W = W.to(torch.float64)
@@ -124,6 +130,7 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
     U = W.new_zeros(m, r_cur)
     obj: list[float] = []
     ranks: list[int] = []
+    restarts = 0
     it = 0
     for it in range(1, max_iter + 1):
         # (7), K + 1 times: U = orth(B Vᵀ), V = Uᵀ (B A⁻¹) with B = N − S A and B A⁻¹ = W* − S
@@ -133,17 +140,26 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
             U, _ = torch.linalg.qr(BVt)
             V = U.T @ G
         VA = V @ A
-        if it == 1:
-            # S₀: the best c entries for the residual of the unconstrained optimum
-            S, mask = hard_threshold(W_star - U @ V, card)
-            SA = _times_A(S, mask, A)
-        else:
-            grad = U @ VA + SA - N
-            S, mask = hard_threshold(S - eta_used * grad, card)
-            SA = _times_A(S, mask, A)
-        WA = U @ VA + SA
-        W_hat = U @ V + S
-        obj.append(terms.objective(W_hat, WA))
+        L = U @ V
+        LA = U @ VA
+        # candidate 1, the projected gradient step (5); candidate 2 (``restart``, and always at it == 1: S₀),
+        # the c best entries of the residual of the unconstrained optimum, P_Ω(N A⁻¹ − UV)
+        cands = []
+        if it > 1:
+            S1, m1 = hard_threshold(S - eta_used * (LA + SA - N), card)
+            cands.append((S1, m1))
+        if it == 1 or restart:
+            cands.append(hard_threshold(W_star - L, card))
+        best = None
+        for S_c, m_c in cands:
+            SA_c = _times_A(S_c, m_c, A)
+            f = terms.objective(L + S_c, LA + SA_c)
+            if best is None or f < best[0]:
+                best = (f, S_c, m_c, SA_c)
+        f, S, mask, SA = best
+        restarts += int(it > 1 and len(cands) == 2 and S is cands[1][0])
+        WA = LA + SA
+        obj.append(f)
         ranks.append(int(U.shape[1]))
         if r_cur < rank:
             # (8): grow V by Δr rows spanning the top right-singular directions of the gradient
@@ -166,7 +182,7 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
     return LowRankSparseResult(U, V, S, mask, obj, ranks, terms.lam, eta_used, it,
                                time.perf_counter() - t_start,
                                {"delta_r": delta_r, "K": K, "r0": r0, "t": t, "eta": eta,
-                                "sigma_max": terms.smax})
+                                "sigma_max": terms.smax, "restarts": restarts})
 
 
 def gsvd_lowrank_sparse(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: int, card: int, *,
