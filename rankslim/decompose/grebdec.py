@@ -35,7 +35,7 @@ that column space (a larger column space after growth can only help), and the S 
 majorise-minimise step for ``η ≤ 1/σ_max(A)``.
 
 :func:`gsvd_lowrank_sparse` is the slower alternating solver of eq. (3) (truncated generalised
-SVD for L), kept as the reference the paper compares speed against.
+SVD for L, one SVD per iteration), kept as the reference the paper compares speed against.
 """
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ import torch
 
 from ..errors import RankError
 from .prune import DataTerms, hard_threshold
-from .zhang import sqrt_and_inv_sqrt
 
 #: use a sparse (CSR) product for ``S @ A`` when S has at most this density and this many entries
 SPARSE_DENSITY = 0.25
@@ -69,7 +68,8 @@ class LowRankSparseResult:
     """``Ŵ = U @ V + S``: ``U: (m, r)``, ``V: (r, k)``, ``S: (m, k)`` zero outside ``mask``.
 
     ``objective``: value of (4) after every outer iteration; ``ranks``: rank of ``UV`` at each;
-    ``lam``, ``eta_used``, ``iterations``, ``seconds``; ``info``: extra solver facts (JSON-able).
+    ``times``: seconds since the call started at each recorded objective; ``lam``, ``eta_used``,
+    ``iterations``, ``seconds`` (total); ``info``: extra solver facts (JSON-able).
     """
 
     U: torch.Tensor
@@ -83,6 +83,7 @@ class LowRankSparseResult:
     iterations: int
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
 
 
 def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: int, card: int, *,
@@ -131,6 +132,7 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
     obj: list[float] = []
     ranks: list[int] = []
     restarts = 0
+    times: list[float] = []
     it = 0
     for it in range(1, max_iter + 1):
         # (7), K + 1 times: U = orth(B Vᵀ), V = Uᵀ (B A⁻¹) with B = N − S A and B A⁻¹ = W* − S
@@ -160,6 +162,7 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
         restarts += int(it > 1 and len(cands) == 2 and S is cands[1][0])
         WA = LA + SA
         obj.append(f)
+        times.append(time.perf_counter() - t_start)
         ranks.append(int(U.shape[1]))
         if r_cur < rank:
             # (8): grow V by Δr rows spanning the top right-singular directions of the gradient
@@ -179,20 +182,26 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
             V = U.T @ G
         obj.append(terms.objective(U @ V + S))
         ranks.append(int(U.shape[1]))
+        times.append(time.perf_counter() - t_start)
     return LowRankSparseResult(U, V, S, mask, obj, ranks, terms.lam, eta_used, it,
                                time.perf_counter() - t_start,
                                {"delta_r": delta_r, "K": K, "r0": r0, "t": t, "eta": eta,
-                                "sigma_max": terms.smax, "restarts": restarts})
+                                "sigma_max": terms.smax, "restarts": restarts}, times)
 
 
 def gsvd_lowrank_sparse(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: int, card: int, *,
                         yy: float = 0.0, t: float = -2.0, eta: float = 1e-3, max_iter: int = 10, tol: float = 1e-5,
-                        generator: torch.Generator | None = None) -> LowRankSparseResult:
-    """The alternating solver of GreBdec eq. (3): ``L = TruncatedGSVD(B A⁻¹, r)``, ``S = P_Ω(S − η(S A − C))``.
+                        svd_solver: str = "exact", generator: torch.Generator | None = None) -> LowRankSparseResult:
+    """The alternating solver of GreBdec eq. (3): ``L = TruncatedGSVD(B A⁻¹, r)``, ``S = P_Ω(S − η(Ŵ A − N))``.
 
-    Same objective and arguments as :func:`grebdec`; one full SVD of ``B A^{-1/2}: (m, k)`` per
-    iteration (plus one ``eigh`` of ``A`` up front) — the cost GreBdec was designed to avoid.
+    Same objective and arguments as :func:`grebdec`.  With the Cholesky factor ``A = R Rᵀ`` the
+    L-step is ``L = [B R^{-T}]_r R^{-1}`` (the minimiser of ``‖(L − B A⁻¹) R‖_F``): two triangular
+    solves and one truncated SVD of an ``m×k`` matrix per iteration — the cost GreBdec was designed
+    to avoid.  ``svd_solver``: "exact" (LAPACK) or "randomized" / "gram" / "auto" (see
+    :func:`rankslim.decompose.svd.truncated_svd`).  S₀ = ``P_Ω(N A⁻¹ − L₁)``.
     """
+    from .svd import truncated_svd
+
     t_start = time.perf_counter()
     W = W.to(torch.float64)
     m, k = W.shape
@@ -203,30 +212,35 @@ def gsvd_lowrank_sparse(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: 
     A, N = terms.A, terms.N
     Lip = terms.smax + terms.lam
     eta_used = min(float(eta), 1.0 / Lip) if Lip > 0 else float(eta)
-    _, A_isqrt = sqrt_and_inv_sqrt(A)
+    R, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        R = torch.linalg.cholesky(A + 1e-10 * max(Lip, 1e-300) * torch.eye(k, dtype=A.dtype, device=A.device))
     S = torch.zeros_like(W)
     mask = torch.zeros_like(W, dtype=torch.bool)
     SA = torch.zeros_like(W)
     obj: list[float] = []
+    times: list[float] = []
     it = 0
     U = V = None
     for it in range(1, max_iter + 1):
         B = N - SA
-        Uz, s, Vh = torch.linalg.svd(B @ A_isqrt, full_matrices=False)
-        U = Uz[:, :rank] * s[:rank]
-        V = Vh[:rank] @ A_isqrt
+        Z = torch.linalg.solve_triangular(R, B.T, upper=False).T          # B R^{-T}
+        f = truncated_svd(Z, rank, solver=svd_solver, generator=gen)
+        U = f.U.to(torch.float64)
+        V = torch.linalg.solve_triangular(R.T, f.V.to(torch.float64).T, upper=True).T  # [·]_r R^{-1}
         L = U @ V
-        LA = L @ A
+        LA = U @ (V @ A)
         if it == 1:
-            S, mask = hard_threshold(torch.linalg.solve(A, N.T).T - L, card)
+            S, mask = hard_threshold(torch.cholesky_solve(N.T.contiguous(), R).T - L, card)
         else:
             S, mask = hard_threshold(S - eta_used * (LA + SA - N), card)
         SA = _times_A(S, mask, A)
         obj.append(terms.objective(L + S, LA + SA))
+        times.append(time.perf_counter() - t_start)
         if len(obj) > 1 and abs(obj[-2] - obj[-1]) <= tol * max(abs(obj[-1]), 1e-300):
             break
     return LowRankSparseResult(U, V, S, mask, obj, [rank] * len(obj), terms.lam, eta_used, it,
-                               time.perf_counter() - t_start, {"t": t, "eta": eta})
+                               time.perf_counter() - t_start, {"t": t, "eta": eta, "svd_solver": svd_solver}, times)
 
 
 __all__ = ["grebdec", "gsvd_lowrank_sparse", "LowRankSparseResult"]
