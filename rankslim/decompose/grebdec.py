@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,9 @@ def _times_A(S: torch.Tensor, mask: torch.Tensor, A: torch.Tensor) -> torch.Tens
     if nnz == 0:
         return torch.zeros(S.shape[0], A.shape[1], dtype=S.dtype, device=S.device)
     if S.numel() >= SPARSE_MIN_ENTRIES and nnz <= SPARSE_DENSITY * S.numel():
-        return (S.to_sparse_csr() @ A)
+        with warnings.catch_warnings():  # torch flags CSR tensors as beta; the product itself is plain
+            warnings.simplefilter("ignore", UserWarning)
+            return S.to_sparse_csr() @ A
     return S @ A
 
 

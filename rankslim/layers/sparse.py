@@ -123,8 +123,10 @@ class SparseConv2d(_Masked):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.masked_weight()
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._pad, mode=self.padding_mode)
+        if self.padding_mode != "zeros" or self.padding == "same":
+            # explicit padding: other modes, and 'same' (possibly asymmetric) without torch's copy warning
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
 

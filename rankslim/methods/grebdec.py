@@ -22,7 +22,7 @@ from ..layers.sparse import SPARSE_NOTE, build_lowrank_sparse
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .godec import ls_cost, ls_layer, ls_split
-from .prune import corrected_bias, data_info, data_prune, sparse_card, sparse_cost
+from .prune import corrected_bias, data_info, data_prune, require_stats, sparse_card, sparse_cost
 
 
 def is_pointwise(target: Target) -> bool:
@@ -57,7 +57,7 @@ class GreBdecMethod(Method):
         if r_l == 0:
             layer, info = data_prune(target, c, rank, ctx)
             return layer, {**info, "model": "sparse (knob too small for a low-rank part)"}
-        st, o = ctx.stats, ctx.options
+        st, o = require_stats(ctx, self.name, target), ctx.options
         res = grebdec(target.matrix, st.XX, st.YX, st.n, r_l, c, yy=st.yy, t=float(o.get("t", -2.0)),
                       eta=float(o.get("eta", 1e-3)), K=int(o.get("K", 2)), delta_r=o.get("delta_r"),
                       max_iter=int(o.get("max_iter", 30)), tol=float(o.get("tol", 1e-5)), generator=ctx.generator)

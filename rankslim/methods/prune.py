@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..cost import Cost
+from ..errors import RankslimError
 from ..decompose.prune import iht_prune, magnitude_prune
 from ..layers.sparse import SPARSE_NOTE, build_sparse
 from ..surgery import Target
@@ -41,6 +42,15 @@ def corrected_bias(target: Target, stats: Any, W_hat: torch.Tensor) -> torch.Ten
     b = target.module.bias.detach().to(torch.float64)
     shift = (stats.y_sum - W_hat.to(stats.x_sum) @ stats.x_sum) / stats.n
     return (b + shift.to(b)).to(target.module.bias)
+
+
+def require_stats(ctx: DecomposeContext, method: str, target: Target) -> Any:
+    """The calibration statistics in ``ctx``, or a clear error when a caller decomposed without them."""
+    if ctx.stats is None:
+        raise RankslimError(f"method {method!r} needs calibration statistics for layer {target.name!r}, but none "
+                            "were given (pass data=... to compress; allocators that build candidate models "
+                            "without a calibrator cannot use data-aware methods)")
+    return ctx.stats
 
 
 def data_info(stats: Any, W_hat: torch.Tensor) -> dict:
@@ -91,7 +101,7 @@ class DataPruneMethod(PruneMethod):
 
 def data_prune(target: Target, card: int, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
     """Build the data-aware sparse-only layer (shared by ``prune-data`` and ``grebdec`` on 1×1 convs)."""
-    st, o = ctx.stats, ctx.options
+    st, o = require_stats(ctx, "prune-data", target), ctx.options
     res = iht_prune(target.matrix, st.XX, st.YX, st.n, card, yy=st.yy, t=o.get("t", -2.0), eta=o.get("eta"),
                     iters=int(o.get("iht_iters", 100)), refit=bool(o.get("refit", True)), generator=ctx.generator)
     if o.get("bias_correction", False):
@@ -107,4 +117,4 @@ def data_prune(target: Target, card: int, rank: int, ctx: DecomposeContext) -> t
     return layer, info
 
 
-__all__ = ["PruneMethod", "DataPruneMethod", "sparse_card", "sparse_cost", "corrected_bias", "data_prune"]
+__all__ = ["PruneMethod", "DataPruneMethod", "sparse_card", "sparse_cost", "corrected_bias", "data_prune", "require_stats"]

@@ -11,7 +11,7 @@ from ..cost import Cost
 from ..decompose.zhang import zhang_lowrank
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
-from .prune import corrected_bias, data_info
+from .prune import corrected_bias, data_info, require_stats
 from .svd import build_lowrank, lowrank_cost
 
 
@@ -27,7 +27,7 @@ class ZhangMethod(Method):
         return lowrank_cost(target, rank)
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
-        st, o = ctx.stats, ctx.options
+        st, o = require_stats(ctx, self.name, target), ctx.options
         res = zhang_lowrank(target.matrix, st.XX, st.YX, st.n, rank, yy=st.yy,
                             damping=float(o.get("damping", 1e-4)), generator=ctx.generator)
         W_hat = res.U @ res.V

@@ -84,3 +84,14 @@ def test_cost_is_increasing_in_the_knob(trained, method):
         assert all(b.params > a.params and b.macs >= a.macs for a, b in zip(costs, costs[1:]))
         svd = get_method("svd").cost(t, 3)
         assert abs(m.cost(t, 3).params - svd.params) <= 1  # equal size at equal knob
+
+
+@pytest.mark.parametrize("method", ["prune-data", "zhang", "grebdec"])
+def test_missing_statistics_is_a_clear_error(trained, method):
+    from rankslim.cost import trace_shapes
+    from rankslim.errors import RankslimError
+    from rankslim.methods import DecomposeContext
+    from rankslim.surgery import select_targets
+    t = select_targets(trained, trace_shapes(trained, (1, 8, 8)))[0][1]
+    with pytest.raises(RankslimError, match="calibration statistics"):
+        get_method(method).decompose(t, 4, DecomposeContext(generator=torch.Generator().manual_seed(0)))
