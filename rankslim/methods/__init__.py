@@ -6,5 +6,7 @@ from . import tucker  # noqa: F401  (registers "tucker")
 from . import cp  # noqa: F401  (registers "cp")
 from . import tt  # noqa: F401  (registers "tt")
 from . import prune, zhang, godec, grebdec  # noqa: F401  (registers "prune", "prune-data", "zhang", "godec", "grebdec", "grebdec-ls")
+from . import ddlr  # noqa: F401  (registers "ddlr")
+from . import relu_admm  # noqa: F401  (registers "relu_admm")
 
 __all__ = ["METHODS", "DecomposeContext", "Method", "get_method", "register"]

@@ -74,7 +74,8 @@ def test_larger_eps_gives_smaller_nuclear_norm_and_rank():
 
 
 def test_auto_solver_switch():
-    assert choose_ddlr_solver(80, 80, 256) == "cvxpy"
+    assert choose_ddlr_solver(20, 15, 100) == "cvxpy"
+    assert choose_ddlr_solver(80, 80, 512) == "admm"
     assert choose_ddlr_solver(512, 1024, 256) == "admm"
     assert choose_ddlr_solver(8, 8, 8, "admm") == "admm"
     with pytest.raises(ValueError):
@@ -107,3 +108,33 @@ def test_bad_inputs():
         ddlr_admm(Xn, Y, b, 0.1)
     with pytest.raises(DataError):
         ddlr_admm(torch.zeros_like(X), Y, b, 0.1)
+
+
+def test_l1_objective_is_net_trim_and_matches_scs():
+    W, X, b, Y = _layer(10, 8, 60, seed=5)
+    eps = ddlr_epsilon(X, 0.1)
+    ref = ddlr_cvxpy(X, Y, b, eps, tol=1e-7, objective="l1")
+    got = ddlr_admm(X, Y, b, eps, U0=W, tol=1e-6, max_iter=6000, objective="l1")
+    assert got.objective == pytest.approx(ref.objective, rel=1e-2)
+    assert got.objective == pytest.approx(float(got.U.abs().sum()))
+    # soft thresholding leaves exact zeros: Net-Trim's sparse weight
+    zeros = int((got.U == 0).sum())
+    assert zeros >= 5 and zeros >= int((ref.U.abs() < 1e-6 * ref.U.abs().max()).sum()) - 3
+    assert got.masked_error <= eps * (1 + 5e-3) + 1e-6
+    with pytest.raises(ValueError):
+        ddlr_admm(X, Y, b, eps, objective="l0")
+
+
+def test_linear_activation_constrains_every_entry():
+    W, X, b, Y = _layer(8, 6, 50, seed=6)
+    eps = ddlr_epsilon(X, 0.1)
+    ref = ddlr_cvxpy(X, Y, b, eps, tol=1e-7, activation="linear")
+    got = ddlr_admm(X, Y, b, eps, U0=W, tol=1e-6, max_iter=6000, activation="linear")
+    assert got.objective == pytest.approx(ref.objective, rel=5e-3)
+    full_err = float(torch.linalg.matrix_norm(got.U @ X - Y))
+    assert full_err <= eps * (1 + 5e-3) + 1e-6
+    # the ReLU relaxation is looser: its optimum has a smaller (or equal) nuclear norm
+    relu = ddlr_cvxpy(X, Y, b, eps, tol=1e-7)
+    assert relu.objective <= ref.objective + 1e-4
+    with pytest.raises(ValueError):
+        ddlr_admm(X, Y, b, eps, activation="tanh")
