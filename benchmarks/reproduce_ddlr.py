@@ -193,7 +193,9 @@ def sweep(net: nn.Module, layers: list[str], calib_x: torch.Tensor, test_x: torc
             lr_size = r * (lin.in_features + lin.out_features)
             stored["ddlr"] += lr_size - W.numel()
             stored["svd"] += lr_size - W.numel()
+            Ypos = torch.where(Y + b[:, None] > 0, Y + b[:, None], 0.0)
             per_method["ddlr"][name] = {"rank": r, "solution_rank": num_rank, "solver": res.solver,
+                                        "eps_over_output_norm": res.eps / float(torch.linalg.matrix_norm(Ypos)),
                                         "seconds": round(res.seconds, 2), "masked_error_over_eps":
                                         res.masked_error / max(res.eps, 1e-300), "max_violation": res.max_violation}
             per_method["svd"][name] = {"rank": r}

@@ -181,3 +181,21 @@ def test_clear_errors(trained):
                                                             options={"activation": "tanh"}))
     with pytest.raises(RankslimError):
         rankslim.compress(trained, "ddlr", ratio=0.5, input_shape=SHAPE)  # no data
+
+
+def test_relu_admm_on_a_conv():
+    from rankslim.layers.sparse import LowRankSparseConv2d
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(12 * 16, 10)).eval()
+    res = rankslim.compress(net, "relu_admm", ranks={"2": 4}, input_shape=SHAPE, data="digits", calib_samples=16,
+                            sequential=False, method_options={"lam_rank": 0.01, "lam_sparse": 0.001, "a_columns": 3})
+    layer = res.model[2]
+    info = res.report.rows[[r.name for r in res.report.rows].index("2")].info
+    assert isinstance(layer, (LowRankSparseConv2d, LowRankConv2d))
+    if isinstance(layer, LowRankSparseConv2d):
+        assert int(layer.sparse.mask.flatten(1).any(0).sum()) == info["a_columns"] <= 3
+    # the module computes the conv with its dense-equivalent kernel A + B (stride/padding kept)
+    x = torch.randn(2, 8, 8, 8)
+    ref = nn.functional.conv2d(x, layer.weight, layer.bias, stride=2, padding=1)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
