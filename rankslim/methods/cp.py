@@ -61,12 +61,14 @@ class CPMethod(Method):
         return cp_cost(target, rank)
 
     def spectrum(self, target: Target) -> torch.Tensor:
-        # No CP spectrum exists.  Proxy: the im2col captured-energy curve, stretched linearly over the
-        # knob range (knob r ~ matrix rank r * k / R_max), so every knob step carries some energy.
+        # No CP spectrum exists.  Proxy: the energy a truncated SVD of the im2col matrix keeps with the
+        # same number of parameters, p(R) = R (N + C + kh + kw) / (N + C kh kw) (fractional p
+        # interpolates linearly), so every knob step carries some energy.
+        N, C, kh, kw = target.module.weight.shape
         s = torch.linalg.svdvals(target.matrix.to(torch.float64))
         k, kmax = s.numel(), self.max_rank(target)
         e = torch.cat([torch.zeros(1, dtype=torch.float64), torch.tensor(_cum_energy(s, k), dtype=torch.float64)])
-        x = torch.arange(1, kmax + 1, dtype=torch.float64) * k / kmax
+        x = (torch.arange(1, kmax + 1, dtype=torch.float64) * (N + C + kh + kw) / (N + C * kh * kw)).clamp(max=k)
         lo = x.floor().long().clamp(max=k)
         hi = (lo + 1).clamp(max=k)
         curve = e[lo] + (x - lo) * (e[hi] - e[lo])
