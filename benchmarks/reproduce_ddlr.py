@@ -47,6 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "results"
 
 METHODS = ("ddlr", "net-trim", "iht", "svd")
+LABELS = {"ddlr": "DDLR", "net-trim": "Net-Trim (l1, COO)", "iht": "IHT prune at Net-Trim nnz", "svd": "SVD at DDLR rank"}
 SPIRAL_EPS = [0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.5, 0.6]
 MNIST_EPS = [0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.3]
 
@@ -307,8 +308,7 @@ def plot(data: dict, exp: str, path: Path) -> None:
         for method, style in (("ddlr", "o-"), ("net-trim", "s--"), ("iht", "d-."), ("svd", "^:")):
             pts = best_per_size(rows, method)
             ax.plot([p["size_ratio"] for p in pts], [p["relative_accuracy"] for p in pts], style,
-                    label={"ddlr": "DDLR", "net-trim": "Net-Trim (l1, COO)", "iht": "IHT prune at Net-Trim nnz",
-                           "svd": "SVD at DDLR rank"}[method])
+                    label=LABELS[method])
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("size ratio (stored numbers, whole network)")
         ax.set_ylabel("relative test accuracy")
@@ -358,7 +358,18 @@ def write_docs(data: dict, stem: str) -> str:
         plot(data, exp, DOCS / png)
         lines += [f"## {exp}", "", desc[exp], "",
                   f"Original test accuracy **{d['test_accuracy']:.4f}** after {d['epochs']} epochs; "
-                  f"{d['params']:,} parameters.", "", f"![{exp}]({png})", ""]
+                  f"{d['params']:,} parameters.", "", f"![{exp}]({png})", "",
+                  "Smallest size ratio reaching a relative accuracy (over the eps grid; '-' = never):", "",
+                  "| N | target | " + " | ".join(LABELS[m] for m in METHODS) + " |",
+                  "|---:|---:|" + "---:|" * len(METHODS)]
+        for N, rows in d["runs"].items():
+            for target in (0.99, 0.97, 0.95, 0.90):
+                cells = []
+                for method in METHODS:
+                    ok = [r["size_ratio"] for r in rows if r["method"] == method and r["relative_accuracy"] >= target]
+                    cells.append(f"{min(ok):.3f}" if ok else "-")
+                lines.append(f"| {N} | {target} | " + " | ".join(cells) + " |")
+        lines.append("")
         for N, rows in d["runs"].items():
             lines += [f"### N = {N}", "",
                       "| eps / C | DDLR ranks | DDLR size | DDLR rel. acc | Net-Trim nnz | Net-Trim size | "
