@@ -96,6 +96,7 @@ def compress(
     eval_fn: Callable[[nn.Module], float] | None = None,
     allocator_options: Mapping[str, Any] | None = None,
     method_options: Mapping[str, Any] | None = None,
+    bn_recalibrate: bool = False,
     progress: bool = False,
 ) -> CompressionResult:
     """Compress ``model`` by replacing Conv2d/Linear layers with factorized ones.
@@ -110,6 +111,9 @@ def compress(
     globs to methods (others use ``method``).  Unsupported layers are skipped and listed in the
     report.  ``data`` (dataset name, Dataset or DataLoader) feeds data-aware methods and
     allocators with ``calib_samples`` inputs.
+
+    ``bn_recalibrate=True`` re-estimates BatchNorm running statistics of the compressed model on
+    the calibration inputs (needs ``data``).
 
     Returns a :class:`CompressionResult`; ``model`` is left untouched unless ``inplace=True``.
     ``input_shape`` is the per-sample shape, e.g. ``(3, 224, 224)``.
@@ -159,7 +163,7 @@ def compress(
     # calibrate (only when a method or allocator asks for data)
     batches: list[torch.Tensor] = []
     needs_data = any(m.needs_data for m in chosen.values())
-    if data is None and dataset_name is not None and needs_data:
+    if data is None and dataset_name is not None and (needs_data or bn_recalibrate):
         data = dataset_name
     if data is not None:
         from .data import calibration_batches
@@ -204,6 +208,15 @@ def compress(
     work, layer_plans, rows = _build(work, targets, chosen, rank_of, seed, solver, method_options, calibrator,
                                      progress, inplace=True)
     timings["decompose"] = time.perf_counter() - t0
+    notes = []
+    if bn_recalibrate:
+        if not batches:
+            raise RankslimError("bn_recalibrate needs calibration inputs: pass data=... (dataset name, Dataset or DataLoader)")
+        from .bn import recalibrate_bn
+        t0 = time.perf_counter()
+        n_bn = recalibrate_bn(work, batches)
+        timings["bn_recalibrate"] = time.perf_counter() - t0
+        notes.append(f"BatchNorm statistics of {n_bn} layers re-estimated on {sum(len(b) for b in batches)} calibration inputs")
     work.train(was_training)
 
     # report
@@ -211,7 +224,6 @@ def compress(
     attach_plan(work, plan)
     after = model_cost(work, input_shape)
     compressed = Cost(after.total.params, after.total.macs + (fcm_macs - base.total.macs))
-    notes = []
     solvers = sorted({str(r.info.get("solver")) for r in rows if r.info.get("solver")})
     if solvers:
         notes.append(f"SVD solver(s) used: {', '.join(solvers)} (matrices with at least {LARGE_MIN_ENTRIES:,} entries "

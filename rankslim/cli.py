@@ -58,6 +58,8 @@ def compress(
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="test images for accuracy (default all)"),
     seed: int = typer.Option(0, "--seed"),
     onnx: bool = typer.Option(False, "--onnx", help="also export model.onnx and check it with onnxruntime"),
+    bn_recalibrate: bool = typer.Option(False, "--bn-recalibrate",
+                                        help="re-estimate BatchNorm statistics on the calibration data"),
 ) -> None:
     """Compress MODEL and write the compressed model, report.json and report.md to --out."""
     from . import api, io
@@ -75,7 +77,7 @@ def compress(
             spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
             input_shape=spec.input_shape, include=include or None, exclude=exclude or None,
             min_params=min_params, round_to=round_to, data=dataset, calib_samples=calib_samples,
-            sequential=sequential, seed=seed, progress=console.is_terminal)
+            sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate, progress=console.is_terminal)
         result.plan.model_spec = spec.spec
         if dataset is not None:
             test_set = load_dataset(dataset, "test")
