@@ -5,8 +5,9 @@ Per layer, :func:`rankslim.decompose.relu_admm.relu_admm` minimises
 ``Y = r(W X + b)`` is the original layer's post-activation response.  The built layer computes
 ``(A + B) x + b`` exactly:
 
-* ``B`` truncated to the knob rank ``r`` (its singular value thresholding usually leaves fewer
-  non-zero values; the layer then uses that smaller rank) as the low-rank branch;
+* ``B`` truncated to the knob rank ``r`` — plus the extra rank that the unused part of A's
+  allowance pays for (see below), and never above B's own rank after singular value
+  thresholding — as the low-rank branch;
 * ``A`` restricted to at most ``a_columns`` columns (the largest column norms; the rest of A's
   non-zero columns are dropped and recorded) as the sparse branch of part A's
   :class:`~rankslim.layers.sparse.LowRankSparseLinear` / ``LowRankSparseConv2d`` (COO cost: value
@@ -14,12 +15,15 @@ Per layer, :func:`rankslim.decompose.relu_admm.relu_admm` minimises
 
 Knob and budget: ``cost(target, r)`` = low-rank cost at rank ``r`` + the worst-case sparse branch
 (``m · a_columns`` non-zeros), so it increases with ``r`` and is an upper bound of what is built;
-the report's model totals are counted from the built modules and are exact.
+the report's model totals are counted from the built modules and are exact.  When A keeps fewer
+than the reserved columns, the saved ``m · (cap − used)`` MACs per position buy
+``floor(m · (cap − used) / (m + k))`` extra ranks for B, so the built layer still fits ``cost(target, r)``.
 
 Options (``compress(..., method_options={...})``):
 
-* ``lam_rank`` (0.02): λ2 = lam_rank · t · σ1(W), so the SVT threshold in the B-step is
-  ``lam_rank · σ1(W)``; ``t`` = 2 ||X||_2² (the data term's curvature);
+* ``lam_rank`` (0.005): λ2 = lam_rank · t · σ1(W), so the SVT threshold in the B-step is
+  ``lam_rank · σ1(W)``; ``t`` = 2 ||X||_F² / k (twice the mean eigenvalue of X Xᵀ, the data
+  term's typical curvature);
 * ``lam_sparse`` (0.1): λ1 = lam_sparse · t · max_i ||W[:, i]||, the column-shrinkage threshold;
 * ``a_columns`` (0.05): maximum number of non-zero columns of A, as a fraction of the input
   dimension (float < 1) or an absolute count (int >= 1), never above :data:`MAX_A_COLUMNS` of
@@ -99,21 +103,25 @@ class ReluAdmmMethod(Method):
                                                                                                   dtype=torch.float64)
         Z = Y_pre + b[:, None]
         Y = torch.relu(Z) if act == "relu" else Z
-        t = 2.0 * float(torch.linalg.matrix_norm(X, ord=2)) ** 2
-        lam_rank = float(opts.get("lam_rank", 0.02)) * t * float(torch.linalg.matrix_norm(W, ord=2))
+        t = 2.0 * float((X * X).sum()) / X.shape[0]  # the solver's default penalty (mean curvature)
+        lam_rank = float(opts.get("lam_rank", 0.005)) * t * float(torch.linalg.matrix_norm(W, ord=2))
         col_max = float(torch.linalg.vector_norm(W, dim=0).max())
         lam_sparse = (float(opts.get("lam_sparse", 0.1)) * t * col_max) if cap > 0 else 1e300
         res = relu_admm(X, Y, b, lam_sparse, lam_rank, W0=W, t=t, activation=act,
                         max_iter=int(opts.get("admm_max_iter", 300)), tol=float(opts.get("admm_tol", 1e-5)),
                         mm_steps=int(opts.get("mm_steps", 3)))
-        # B: truncate to the knob (SVT may already have made it smaller)
-        r = max(1, min(rank, res.rank))
-        f = truncated_svd(res.B, r, solver=ctx.solver, generator=ctx.generator)
         # A: keep at most `cap` non-zero columns, the largest in norm
         norms = torch.linalg.vector_norm(res.A, dim=0)
         nonzero = int((norms > 0).sum())
         keep = torch.topk(norms, min(cap, nonzero)).indices.sort().values if cap > 0 and nonzero > 0 else \
             torch.zeros(0, dtype=torch.int64)
+        # B: the knob rank, plus the rank the unused part of the sparse allowance pays for (cost()
+        # reserved `default cap` columns; m·(cols) MACs buy (m + k) MACs per rank, and params the same
+        # at twice the rate, so the MAC count is the binding one), capped by B's own rank after SVT
+        m, k = target.matrix_shape
+        spare = m * (a_column_cap(target, None) - int(keep.numel())) // (m + k)
+        r = max(1, min(rank + max(0, spare), target.full_rank, res.rank))
+        f = truncated_svd(res.B, r, solver=ctx.solver, generator=ctx.generator)
         dtype = target.module.weight.dtype
         bias = target.module.bias.detach() if target.has_bias else None
         if keep.numel() > 0:
@@ -127,7 +135,7 @@ class ReluAdmmMethod(Method):
             layer = build_lowrank(target.module, r).set_factors(f.U.to(dtype), f.V.to(dtype), bias)
         info = {"rank": r, "knob": rank, "b_rank_admm": res.rank, "a_columns": int(keep.numel()),
                 "a_columns_admm": nonzero, "a_column_cap": cap, "activation": act,
-                "lam_rank": float(opts.get("lam_rank", 0.02)), "lam_sparse": float(opts.get("lam_sparse", 0.1)),
+                "lam_rank": float(opts.get("lam_rank", 0.005)), "lam_sparse": float(opts.get("lam_sparse", 0.1)),
                 "iterations": res.iterations, "converged": res.converged, "data_error": res.data_error,
                 "seconds": round(res.seconds, 3), "calibration_columns": int(X.shape[1])}
         return layer, info
