@@ -26,7 +26,9 @@ Where we differ from the paper, and why:
   So each S step also evaluates the candidate ``P_Ω(N A⁻¹ − UV)`` (GoDec's exact S step in the
   identity metric) and keeps whichever of the two lowers (4) more (``restart=True``; the count
   is reported as ``restarts``).  Descent is preserved since step (5) alone already descends.
-* The S step is ``min(η, 1/σ_max(A))`` so it provably decreases (4) (reported as ``eta_used``).
+* The S step is ``min(η, 1/σ_max(A))`` so it provably decreases (4) (reported as ``eta_used``);
+  ``eta="auto"`` takes ``1/σ_max(A)``.  On ResNet-20's layers ``1/σ_max(A)`` is 30–50× the
+  paper's η = 1e-3, which then converges slowly (see docs/methods/data-aware.md).
 * After the rank reaches ``r`` the loop continues (fixed rank) until the relative change of F is
   below ``tol`` or ``max_iter`` outer iterations ran.
 
@@ -52,6 +54,14 @@ from .prune import DataTerms, hard_threshold
 #: use a sparse (CSR) product for ``S @ A`` when S has at most this density and this many entries
 SPARSE_DENSITY = 0.25
 SPARSE_MIN_ENTRIES = 1_000_000
+
+
+def _step(eta: float | str, lipschitz: float) -> float:
+    """The S step: ``min(η, 1/σ_max(A))``; ``η = "auto"`` gives ``1/σ_max(A)``, the largest step with guaranteed descent."""
+    safe = 1.0 / lipschitz if lipschitz > 0 else 1.0
+    if eta == "auto":
+        return safe
+    return min(float(eta), safe)
 
 
 def _times_A(S: torch.Tensor, mask: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -90,14 +100,14 @@ class LowRankSparseResult:
 
 
 def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: int, card: int, *,
-            yy: float = 0.0, t: float = -2.0, eta: float = 1e-3, K: int = 2, delta_r: int | None = None,
+            yy: float = 0.0, t: float = -2.0, eta: float | str = 1e-3, K: int = 2, delta_r: int | None = None,
             r0: int = 1, max_iter: int = 30, tol: float = 1e-5, restart: bool = True,
             generator: torch.Generator | None = None) -> LowRankSparseResult:
     """Algorithm 1 of GreBdec: ``W: (m, k) ≈ U V + S`` with ``rank(UV) = rank`` and ``card(S) ≤ card``.
 
     ``XX: (k, k)``, ``YX: (m, k)``, ``n``, ``yy``: calibration sums (``Σ x xᵀ``, ``Σ y xᵀ``, columns,
     ``Σ‖y‖²`` — ``yy`` only shifts the recorded objective).  ``t``: λ = 10^t·σ_max(XX/n);
-    ``eta``: S step (capped at 1/σ_max(A)); ``K``: QR updates are repeated ``K + 1`` times;
+    ``eta``: S step (capped at 1/σ_max(A); "auto" = 1/σ_max(A)); ``K``: QR updates are repeated ``K + 1`` times;
     ``delta_r``: rank step (default ``ceil(rank/8)``); ``r0``: initial rank; ``restart``: also try
     ``P_Ω(N A⁻¹ − UV)`` at every S step and keep it when it lowers (4) more than step (5).
     """
@@ -115,7 +125,7 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
     terms = DataTerms.build(W, XX, YX, n, t, yy, generator=gen)
     A, N = terms.A, terms.N
     Lip = terms.smax + terms.lam
-    eta_used = min(float(eta), 1.0 / Lip) if Lip > 0 else float(eta)
+    eta_used = _step(eta, Lip)
     chol, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:  # λ = 0 on singular data: fall back to a tiny explicit damping
         eps = 1e-10 * max(Lip, 1e-300)
@@ -193,7 +203,7 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
 
 
 def gsvd_lowrank_sparse(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: int, card: int, *,
-                        yy: float = 0.0, t: float = -2.0, eta: float = 1e-3, max_iter: int = 10, tol: float = 1e-5,
+                        yy: float = 0.0, t: float = -2.0, eta: float | str = 1e-3, max_iter: int = 10, tol: float = 1e-5,
                         svd_solver: str = "exact", generator: torch.Generator | None = None) -> LowRankSparseResult:
     """The alternating solver of GreBdec eq. (3): ``L = TruncatedGSVD(B A⁻¹, r)``, ``S = P_Ω(S − η(Ŵ A − N))``.
 
@@ -214,7 +224,7 @@ def gsvd_lowrank_sparse(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: 
     terms = DataTerms.build(W, XX, YX, n, t, yy, generator=gen)
     A, N = terms.A, terms.N
     Lip = terms.smax + terms.lam
-    eta_used = min(float(eta), 1.0 / Lip) if Lip > 0 else float(eta)
+    eta_used = _step(eta, Lip)
     R, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         R = torch.linalg.cholesky(A + 1e-10 * max(Lip, 1e-300) * torch.eye(k, dtype=A.dtype, device=A.device))

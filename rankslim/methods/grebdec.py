@@ -6,7 +6,7 @@ as the paper does, with the knob → cardinality map of ``prune`` (``c = ⌊r(m 
 IHT.  ``grebdec-ls`` is the same method with L + S on 1×1 convs too.
 
 Options (``compress(method_options=...)``): ``t`` (λ = 10^t·σ_max(XXᵀ/n), default -2), ``eta``
-(S step, default 1e-3, capped at 1/σ_max(A)), ``K`` (QR updates repeated K+1 times, default 2),
+(S step, default 1e-3 as in the paper, capped at 1/σ_max(A); "auto" = 1/σ_max(A)), ``K`` (QR updates repeated K+1 times, default 2),
 ``delta_r`` (rank step, default ⌈r_L/8⌉), ``max_iter`` (default 30), ``tol`` (default 1e-5),
 ``bias_correction`` (default False), and for the sparse-only layers the ``prune-data`` options.
 """
@@ -23,6 +23,10 @@ from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .godec import ls_cost, ls_layer, ls_split
 from .prune import corrected_bias, data_info, data_prune, require_stats, sparse_card, sparse_cost
+
+
+def _eta(value) -> float | str:
+    return "auto" if value == "auto" else float(value)
 
 
 def is_pointwise(target: Target) -> bool:
@@ -59,7 +63,7 @@ class GreBdecMethod(Method):
             return layer, {**info, "model": "sparse (knob too small for a low-rank part)"}
         st, o = require_stats(ctx, self.name, target), ctx.options
         res = grebdec(target.matrix, st.XX, st.YX, st.n, r_l, c, yy=st.yy, t=float(o.get("t", -2.0)),
-                      eta=float(o.get("eta", 1e-3)), K=int(o.get("K", 2)), delta_r=o.get("delta_r"),
+                      eta=_eta(o.get("eta", 1e-3)), K=int(o.get("K", 2)), delta_r=o.get("delta_r"),
                       max_iter=int(o.get("max_iter", 30)), tol=float(o.get("tol", 1e-5)), generator=ctx.generator)
         W_hat = res.U @ res.V + res.S
         if o.get("bias_correction", False):

@@ -102,7 +102,8 @@ class DataPruneMethod(PruneMethod):
 def data_prune(target: Target, card: int, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
     """Build the data-aware sparse-only layer (shared by ``prune-data`` and ``grebdec`` on 1×1 convs)."""
     st, o = require_stats(ctx, "prune-data", target), ctx.options
-    res = iht_prune(target.matrix, st.XX, st.YX, st.n, card, yy=st.yy, t=o.get("t", -2.0), eta=o.get("eta"),
+    res = iht_prune(target.matrix, st.XX, st.YX, st.n, card, yy=st.yy, t=o.get("t", -2.0),
+                    eta=None if o.get("eta") in (None, "auto") else float(o["eta"]),
                     iters=int(o.get("iht_iters", 100)), refit=bool(o.get("refit", True)), generator=ctx.generator)
     if o.get("bias_correction", False):
         bias = corrected_bias(target, st, res.S)
