@@ -275,7 +275,8 @@ def _build(work: nn.Module, targets: list[Target], chosen: Mapping[str, Method],
                 ctx = DecomposeContext(generator=gen, solver=solver, stats=stats, options=dict(method_options or {}))
                 layer, info = m.decompose(t, r, ctx)
                 replace_modules(work, {t.name: layer})
-                c = m.cost(t, r)
+                # measured on the built layer: a method may build below the planned rank (elbow rules)
+                c = model_cost(layer, t.in_shape).total
                 rank_str = str(info.get("ranks", info.get("rank", r)))
                 rows.append(LayerRow(t.name, type(t.module).__name__, t.describe_shape(), m.name, rank_str,
                                      dense.params, c.params, dense.macs, c.macs, info,

@@ -1,6 +1,7 @@
 """The ``rankslim`` command line: a thin shell over :func:`rankslim.compress` and friends."""
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,20 @@ def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
         return tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError:
         raise RankslimError(f"--input-shape must look like 3,224,224, got {text!r}") from None
+
+
+def _options(pairs: list[str], flag: str) -> dict:
+    """Parse repeated ``key=value`` options; values are JSON when they parse (numbers, lists, dicts), else strings."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise RankslimError(f"{flag} takes key=value, got {p!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _fail(exc: Exception) -> None:
@@ -58,6 +73,10 @@ def compress(
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="test images for accuracy (default all)"),
     seed: int = typer.Option(0, "--seed"),
     onnx: bool = typer.Option(False, "--onnx", help="also export model.onnx and check it with onnxruntime"),
+    method_option: list[str] = typer.Option([], "--method-option", "-M",
+                                            help="method option key=value (JSON value), repeatable, e.g. eps=0.05"),
+    allocator_option: list[str] = typer.Option([], "--allocator-option", "-A",
+                                               help="allocator option key=value (JSON value), repeatable"),
     bn_recalibrate: bool = typer.Option(False, "--bn-recalibrate",
                                         help="re-estimate BatchNorm statistics on the calibration data"),
 ) -> None:
@@ -77,7 +96,9 @@ def compress(
             spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
             input_shape=spec.input_shape, include=include or None, exclude=exclude or None,
             min_params=min_params, round_to=round_to, data=dataset, calib_samples=calib_samples,
-            sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate, progress=console.is_terminal)
+            sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate, progress=console.is_terminal,
+            method_options=_options(method_option, "--method-option"),
+            allocator_options=_options(allocator_option, "--allocator-option"))
         result.plan.model_spec = spec.spec
         if dataset is not None:
             test_set = load_dataset(dataset, "test")

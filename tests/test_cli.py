@@ -72,3 +72,22 @@ def test_inspect_writes_energy_plot(tmp_path):
 def test_methods_lists_registry():
     r = runner.invoke(app, ["methods"])
     assert r.exit_code == 0 and "svd" in r.output and "cptv" in r.output
+
+
+def test_method_and_allocator_options_reach_the_api(tmp_path, monkeypatch):
+    import rankslim.api as api
+    seen = {}
+    real = api.compress
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "compress", spy)
+    r = runner.invoke(app, ["compress", TINY, "--input-shape", "1,8,8", "--params", "0.5", "-M", "eps=0.05",
+                            "-M", 'activation={"fc2": "linear"}', "-A", "iters=30", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert seen["method_options"] == {"eps": 0.05, "activation": {"fc2": "linear"}}
+    assert seen["allocator_options"] == {"iters": 30}
+    bad = runner.invoke(app, ["compress", TINY, "--input-shape", "1,8,8", "--params", "0.5", "-M", "novalue"])
+    assert bad.exit_code == 2 and "key=value" in bad.output
