@@ -90,6 +90,9 @@ def write_docs(data: dict) -> str:
     lines += ["", "*+ BN re-estimation*: the same compressed model with its BatchNorm running statistics re-estimated "
               "on 512 Fashion-MNIST training images (`compress(..., bn_recalibrate=True)`), still no training."]
     lines += ["", "## Wall time to compress (data-free, `macs=0.5`, input 3×224×224, random weights)", "",
+              "Measured while other benchmark jobs shared the two cores (load average about 6), so read these as "
+              "upper bounds. Most of the allocation time is the spectrum of every layer (Gram eigendecomposition "
+              "for the large ones); the decomposition then recomputes each factorization.", "",
               "| model | layers | total | spectra + allocation | decomposition |", "|---|---|---|---|---|"]
     for r in data["timing"]:
         s = r["stages"]
