@@ -202,13 +202,19 @@ def compress(
                 build=lambda rk: _build(work, targets, chosen, rk, seed, solver, method_options, None, False)[0])
         rank_of = fn(table, budget, **kwargs)
     timings["allocate"] = time.perf_counter() - t0
+    notes: list[str] = []
+    alloc_info = dict(getattr(rank_of, "info", {}) or {})
+    if getattr(rank_of, "scales", None):
+        # COBLA's P <- m_hat * P: the kept singular values are rescaled before the factorization
+        from .allocate.masked import apply_allocation_weights
+        changed = apply_allocation_weights(targets, {n: m.name for n, m in chosen.items()}, rank_of)
+        notes.append(f"{alloc_name}: singular values of {len(changed)} layer(s) rescaled by the allocator's masks")
 
     # decompose, build, swap
     t0 = time.perf_counter()
     work, layer_plans, rows = _build(work, targets, chosen, rank_of, seed, solver, method_options, calibrator,
                                      progress, inplace=True)
     timings["decompose"] = time.perf_counter() - t0
-    notes = []
     if bn_recalibrate:
         if not batches:
             raise RankslimError("bn_recalibrate needs calibration inputs: pass data=... (dataset name, Dataset or DataLoader)")
@@ -233,6 +239,8 @@ def compress(
     report = Report(rows=rows, skipped=[s.__dict__ for s in skipped], original=original, compressed=compressed,
                     budget={"params": params, "macs": macs, "ratio": ratio, "energy": energy},
                     allocator=alloc_name, method=method, input_shape=list(input_shape), seconds=timings, notes=notes)
+    if alloc_info:
+        report.metrics["allocator_info"] = alloc_info
     for q in budget.quantities:
         if compressed.get(q) > budget.limit(q, original) + 1e-9:
             raise BudgetError(f"internal error: the built model uses {compressed.get(q):,} {q}, over the budget "
