@@ -50,10 +50,17 @@ class CPResult:
 
 
 def cp_to_tensor(weights: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """Full tensor ``(I_1, ..., I_d)`` of a CP model (``weights: (R,)``, ``factors[k]: (I_k, R)``)."""
-    letters = string.ascii_lowercase[: len(factors)]
-    expr = ",".join(f"{c}z" for c in letters) + ",z->" + letters
-    return torch.einsum(expr, *factors, weights)
+    """Full tensor ``(I_1, ..., I_d)`` of a CP model (``weights: (R,)``, ``factors[k]: (I_k, R)``).
+
+    Computed as ``(A_1 * w) @ KhatriRao(A_2, ..., A_d)^T``: the peak intermediate is
+    ``(I_2 ... I_d) x R`` numbers (a many-operand einsum can materialise ``I_1 I_2 ... x R``).
+    """
+    R = weights.shape[0]
+    kr = factors[-1]
+    for A in reversed(factors[1:-1]):
+        kr = (A[:, None, :] * kr[None, :, :]).reshape(-1, R)
+    full = (factors[0] * weights) @ kr.T
+    return full.reshape(*(int(A.shape[0]) for A in factors))
 
 
 def cp_als_bytes(shape: tuple[int, ...], rank: int, itemsize: int = 8) -> int:

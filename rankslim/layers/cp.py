@@ -59,8 +59,11 @@ class CPConv2d(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense equivalent kernel ``(N, C, kh, kw)``."""
-        return torch.einsum("nr,rc,ri,rj->ncij", self.pointwise_out.weight[:, :, 0, 0], self.pointwise_in.weight[:, :, 0, 0],
-                            self.vertical.weight[:, 0, :, 0], self.horizontal.weight[:, 0, 0, :])
+        from ..decompose.cp import cp_to_tensor
+        out_f = self.pointwise_out.weight[:, :, 0, 0]
+        ones = torch.ones(self.rank, dtype=out_f.dtype, device=out_f.device)
+        return cp_to_tensor(ones, [out_f, self.pointwise_in.weight[:, :, 0, 0].T, self.vertical.weight[:, 0, :, 0].T,
+                                   self.horizontal.weight[:, 0, 0, :].T])
 
     @property
     def bias(self) -> torch.Tensor | None:
