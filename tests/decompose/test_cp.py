@@ -83,3 +83,13 @@ def test_dense_weight_view() -> None:
     w = torch.rand(3, generator=g)
     layer = CPConv2d.like(conv, 3).set_factors(w, *fs, None)
     torch.testing.assert_close(layer.weight, cp_to_tensor(w, fs), rtol=1e-4, atol=1e-5)
+
+
+def test_cp_to_tensor_matches_the_definition() -> None:
+    g = torch.Generator().manual_seed(3)
+    for shape in [(4, 3), (5, 4, 3), (6, 5, 3, 2)]:
+        fs = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in shape]
+        w = torch.rand(4, generator=g, dtype=torch.float64)
+        ref = sum(w[r] * torch.einsum(",".join("abcd"[: len(shape)]) + "->" + "abcd"[: len(shape)],
+                                      *[f[:, r] for f in fs]) for r in range(4))
+        torch.testing.assert_close(cp_to_tensor(w, fs), ref)
