@@ -115,6 +115,9 @@ def compress(
     ``bn_recalibrate=True`` re-estimates BatchNorm running statistics of the compressed model on
     the calibration inputs (needs ``data``).
 
+    Allocators that return singular-value scales (COBLA) have them applied to the weights before the
+    factorization; ``allocator_options={"scale_weights": False}`` keeps the plain truncation.
+
     Returns a :class:`CompressionResult`; ``model`` is left untouched unless ``inplace=True``.
     ``input_shape`` is the per-sample shape, e.g. ``(3, 224, 224)``.
     """
@@ -192,6 +195,8 @@ def compress(
     else:
         fn = ALLOCATORS[alloc_name]
         kwargs = dict(allocator_options or {})
+        # consumed here, not by the allocator: whether allocator scales (COBLA's m_hat) reach the weights
+        scale_weights = bool(kwargs.pop("scale_weights", True))
         if alloc_name == "ratio":
             kwargs["ratio"] = ratio
         if alloc_name == "energy":
@@ -204,7 +209,7 @@ def compress(
     timings["allocate"] = time.perf_counter() - t0
     notes: list[str] = []
     alloc_info = dict(getattr(rank_of, "info", {}) or {})
-    if getattr(rank_of, "scales", None):
+    if alloc_name != "ranks" and scale_weights and getattr(rank_of, "scales", None):
         # COBLA's P <- m_hat * P: the kept singular values are rescaled before the factorization
         from .allocate.masked import apply_allocation_weights
         changed = apply_allocation_weights(targets, {n: m.name for n, m in chosen.items()}, rank_of)

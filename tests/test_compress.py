@@ -166,3 +166,13 @@ def test_empty_calibration_data_is_refused(tiny_net):
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     with pytest.raises(rankslim.DataError):
         rankslim.compress(tiny_net, params=0.5, input_shape=(1, 8, 8), data=empty)
+
+
+def test_cobla_scales_reach_the_weights_unless_disabled(tiny_net):
+    kw = dict(params=0.5, input_shape=(1, 8, 8), allocator="cobla", data="digits", calib_samples=64)
+    scaled = rankslim.compress(tiny_net, **kw)
+    plain = rankslim.compress(tiny_net, allocator_options={"scale_weights": False}, **kw)
+    assert any("rescaled" in n for n in scaled.report.notes)
+    assert not any("rescaled" in n for n in plain.report.notes)
+    assert [r.rank for r in scaled.report.rows] == [r.rank for r in plain.report.rows]
+    assert scaled.report.fractions()["params"] <= 0.5
