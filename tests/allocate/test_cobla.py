@@ -193,3 +193,13 @@ def test_cobla_keeps_best_of_several_roundings(tiny_net):
     assert len(info["loss_rounded_candidates"]) == 4
     assert info["loss_rounded"] == min(info["loss_rounded_candidates"])
     assert set(box["a"].scales) == {n for n, r in box["a"].items() if r is not None}
+
+
+@pytest.mark.parametrize("start", ["cptv", "uniform"])
+def test_cobla_start_points(tiny_net, start):
+    res = rankslim.compress(tiny_net, "svd", params=0.5, macs=0.5, allocator="cobla", data=_data(), calib_samples=96,
+                            input_shape=(1, 8, 8), allocator_options={"maxiter": 5, "start": start})
+    assert res.report.fractions()["params"] <= 0.5
+    with pytest.raises(BudgetError, match="start must be"):
+        rankslim.compress(tiny_net, "svd", params=0.5, allocator="cobla", data=_data(), input_shape=(1, 8, 8),
+                          allocator_options={"start": "random"})
