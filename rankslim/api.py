@@ -46,8 +46,10 @@ def _choose_allocator(params, macs, ratio, energy, ranks, allocator) -> str:
         if params is not None or macs is not None:
             raise BudgetError(f"{modes[0]} fixes every rank; it cannot be combined with a params/macs budget")
         return modes[0]
-    if params is None and macs is None:
-        raise BudgetError("say how much to compress: a budget (params=F and/or macs=F), ratio=F, energy=F or ranks={...}")
+    if params is None and macs is None and allocator is None:
+        raise BudgetError("say how much to compress: a budget (params=F and/or macs=F), ratio=F, energy=F, ranks={...} "
+                          "or a budget-free allocator (allocator='vbmf' or 'gavish-donoho')")
+    # an allocator without a budget is allowed: rank rules (vbmf, gavish-donoho) need none, the others refuse
     return allocator or "cptv"
 
 
@@ -86,6 +88,7 @@ def compress(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     min_params: int = 0,
+    keep_stem: bool = False,
     round_to: int = 1,
     inplace: bool = False,
     data: Any = None,
@@ -107,7 +110,8 @@ def compress(
     ``ranks`` (an int for every layer, or ``{glob: rank}``).  Budgets are met by ``allocator``
     (default ``"cptv"``: bisection on one shared energy threshold).
 
-    Which layers: ``include`` / ``exclude`` name globs and ``min_params``; ``methods`` maps name
+    Which layers: ``include`` / ``exclude`` name globs, ``min_params`` and ``keep_stem`` (leave
+    convs with at most 3 input channels dense); ``methods`` maps name
     globs to methods (others use ``method``).  Unsupported layers are skipped and listed in the
     report.  ``data`` (dataset name, Dataset or DataLoader) feeds data-aware methods and
     allocators with ``calib_samples`` inputs.
@@ -146,7 +150,7 @@ def compress(
     work = working_copy(model, inplace)
     was_training = work.training
     shapes = trace_shapes(work, input_shape)
-    targets, skipped = select_targets(work, shapes, include, exclude, min_params)
+    targets, skipped = select_targets(work, shapes, include, exclude, min_params, keep_stem)
     chosen: dict[str, Method] = {}
     kept_targets: list[Target] = []
     for t in targets:
@@ -204,7 +208,7 @@ def compress(
         if "context" in inspect.signature(fn).parameters:
             kwargs["context"] = AllocationContext(
                 work, targets, {n: m.name for n, m in chosen.items()}, batches, input_shape, seed, eval_fn,
-                build=lambda rk: _build(work, targets, chosen, rk, seed, solver, method_options, None, False)[0])
+                build=lambda rk: _build(work, targets, chosen, rk, seed, solver, method_options, calibrator, False)[0])
         rank_of = fn(table, budget, **kwargs)
     timings["allocate"] = time.perf_counter() - t0
     notes: list[str] = []
@@ -235,6 +239,9 @@ def compress(
     attach_plan(work, plan)
     after = model_cost(work, input_shape)
     compressed = Cost(after.total.params, after.total.macs + (fcm_macs - base.total.macs))
+    sparse_note = next((r.info["sparse_note"] for r in rows if r.info.get("sparse_note")), None)
+    if sparse_note:
+        notes.append(str(sparse_note))
     solvers = sorted({str(r.info.get("solver")) for r in rows if r.info.get("solver")})
     if solvers:
         notes.append(f"SVD solver(s) used: {', '.join(solvers)} (matrices with at least {LARGE_MIN_ENTRIES:,} entries "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,8 @@ from .errors import RankslimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained PyTorch networks smaller and faster by low-rank and sparse decomposition.")
-console = Console()
+# rich falls back to 80 columns when not on a terminal, which truncates the per-layer table in logs
+console = Console() if sys.stdout.isatty() else Console(width=180)
 err_console = Console(stderr=True)
 
 #: the main job on bundled defaults: the reference ResNet on Fashion-MNIST at half the MACs
@@ -66,6 +68,7 @@ def compress(
     include: list[str] = typer.Option([], "--include", help="only layers matching this glob (repeatable)"),
     exclude: list[str] = typer.Option([], "--exclude", help="skip layers matching this glob (repeatable)"),
     min_params: int = typer.Option(0, "--min-params", help="skip layers with fewer weights"),
+    keep_stem: bool = typer.Option(False, "--keep-stem", help="leave convs with <= 3 input channels dense"),
     round_to: int = typer.Option(1, "--round-to", help="round ranks up to a multiple of this"),
     calib_samples: int = typer.Option(256, "--calib-samples", help="calibration samples for data-aware methods"),
     sequential: bool = typer.Option(True, "--sequential/--independent",
@@ -80,22 +83,28 @@ def compress(
     bn_recalibrate: bool = typer.Option(False, "--bn-recalibrate",
                                         help="re-estimate BatchNorm statistics on the calibration data"),
 ) -> None:
-    """Compress MODEL and write the compressed model, report.json and report.md to --out."""
+    """Compress MODEL and write the compressed model, report.json and report.md to --out.
+
+    With no MODEL: the reference ResNet-20 on Fashion-MNIST at --macs 0.5, with --bn-recalibrate --keep-stem.
+    """
     from . import api, io
     from .data import evaluate_accuracy, load_dataset
     from .zoo import resolve_model
 
     try:
         if model is None:
+            # the bundled main job: reference ResNet-20, half the MACs, stem kept dense, BatchNorm re-estimated
+            # (see docs/results/svd_baseline.md for what each of these is worth)
             model = DEFAULT_MODEL
             if all(v is None for v in (params, macs, ratio, energy)):
                 macs = DEFAULT_MACS
+            bn_recalibrate = keep_stem = True
         spec = resolve_model(model, input_shape=_shape(input_shape))
         dataset = data or spec.dataset
         result = api.compress(
             spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
             input_shape=spec.input_shape, include=include or None, exclude=exclude or None,
-            min_params=min_params, round_to=round_to, data=dataset, calib_samples=calib_samples,
+            min_params=min_params, keep_stem=keep_stem, round_to=round_to, data=dataset, calib_samples=calib_samples,
             sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate, progress=console.is_terminal,
             method_options=_options(method_option, "--method-option"),
             allocator_options=_options(allocator_option, "--allocator-option"))

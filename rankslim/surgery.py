@@ -86,13 +86,16 @@ def select_targets(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     min_params: int = 0,
+    keep_stem: bool = False,
 ) -> tuple[list[Target], list[Skipped]]:
     """Targets in forward (module registration) order, and every skipped layer with its reason.
 
     A layer is a target when it is an ``nn.Linear`` or an ungrouped ``nn.Conv2d`` that matches
     one ``include`` glob (all, when ``include`` is empty), matches no ``exclude`` glob, holds at
     least ``min_params`` weights and runs in the traced forward pass.  Other leaf layers with
-    parameters are reported as skipped (unsupported type).
+    parameters are reported as skipped (unsupported type).  ``keep_stem`` leaves convs that read
+    the image itself (at most 3 input channels) dense: they hold a tiny share of the cost but a
+    low-rank stem ruins accuracy (see docs/results/decompositions.md).
     """
     include = list(include or [])
     targets: list[Target] = []
@@ -126,6 +129,9 @@ def select_targets(
             skipped.append(Skipped(name, tname, "module is shared with another name"))
             continue
         seen.add(id(mod))
+        if keep_stem and isinstance(mod, nn.Conv2d) and mod.in_channels <= 3:
+            skipped.append(Skipped(name, tname, "stem conv (<= 3 input channels) kept dense (keep_stem=True)"))
+            continue
         if mod.weight.numel() < min_params:
             skipped.append(Skipped(name, tname, f"smaller than min_params={min_params}"))
             continue

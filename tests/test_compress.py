@@ -176,3 +176,16 @@ def test_cobla_scales_reach_the_weights_unless_disabled(tiny_net):
     assert not any("rescaled" in n for n in plain.report.notes)
     assert [r.rank for r in scaled.report.rows] == [r.rank for r in plain.report.rows]
     assert scaled.report.fractions()["params"] <= 0.5
+
+
+def test_keep_stem_leaves_image_convs_dense(tiny_net):
+    res = rankslim.compress(tiny_net, ratio=0.5, input_shape=(1, 8, 8), keep_stem=True)
+    assert isinstance(res.model.conv1, nn.Conv2d)
+    assert any(s["name"] == "conv1" and "stem" in s["reason"] for s in res.report.skipped)
+
+
+def test_budget_free_allocator_needs_no_budget(tiny_net):
+    res = rankslim.compress(tiny_net, allocator="vbmf", input_shape=(1, 8, 8))
+    assert res.report.allocator == "vbmf" and res.report.rows
+    with pytest.raises(rankslim.BudgetError):
+        rankslim.compress(tiny_net, allocator="cptv", input_shape=(1, 8, 8))
