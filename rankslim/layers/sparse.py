@@ -139,7 +139,46 @@ class SparseConv2d(_Masked):
                 f"padding={self.padding}, dilation={self.dilation}, nnz={self.nnz}")
 
 
-class LowRankSparseLinear(nn.Module):
+class _LowRankPlusSparse(nn.Module):
+    """Shared body of the L + S layers: ``lowrank`` branch (holds the bias) plus ``sparse`` branch (no bias)."""
+
+    _conv: bool = False
+    lowrank: nn.Module
+    sparse: nn.Module
+
+    def set_factors(self, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None,
+                    bias: torch.Tensor | None) -> "_LowRankPlusSparse":
+        """Load ``U: (m, rank)``, ``V: (rank, k)``, sparse values ``S: (m, k)`` (+ ``mask``) and the bias ``(m,)``;
+        ``m x k`` is the (im2col) matrix view of the replaced layer."""
+        self.lowrank.set_factors(U, V, bias)
+        self.sparse.set_sparse(S, mask)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowrank(x) + self.sparse(x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense equivalent ``U V + S ⊙ mask`` in the replaced layer's weight shape."""
+        return self.lowrank.weight + self.sparse.masked_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.lowrank.bias
+
+    def rankslim_cost(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Cost:
+        w = self.sparse.weight
+        m, k, r = int(w.shape[0]), int(w[0].numel()), self.rank
+        p = _positions(out_shape, self._conv)
+        b = self.bias.numel() if self.bias is not None else 0
+        nnz = self.sparse.nnz
+        return Cost(r * (m + k) + b + 2 * nnz, p * (r * (m + k) + nnz))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, nnz={self.sparse.nnz}"
+
+
+class LowRankSparseLinear(_LowRankPlusSparse):
     """``y = U (V x) + (S ⊙ mask) x + b``: child ``lowrank`` (:class:`LowRankLinear`, holds the bias)
     and child ``sparse`` (:class:`SparseLinear` without bias)."""
 
@@ -153,42 +192,15 @@ class LowRankSparseLinear(nn.Module):
     def like(cls, linear: nn.Linear, rank: int) -> "LowRankSparseLinear":
         return cls(linear, rank)
 
-    def set_factors(self, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None,
-                    bias: torch.Tensor | None) -> "LowRankSparseLinear":
-        """Load ``U: (out, rank)``, ``V: (rank, in)``, sparse values ``S: (out, in)`` (+ ``mask``) and bias."""
-        self.lowrank.set_factors(U, V, bias)
-        self.sparse.set_sparse(S, mask)
-        return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lowrank(x) + self.sparse(x)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dense equivalent ``U V + S ⊙ mask``: ``(out, in)``."""
-        return self.lowrank.weight + self.sparse.masked_weight()
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.lowrank.bias
-
-    def rankslim_cost(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Cost:
-        m, k, r = self.lowrank.out_features, self.lowrank.in_features, self.rank
-        p = _positions(out_shape, False)
-        b = self.bias.numel() if self.bias is not None else 0
-        nnz = self.sparse.nnz
-        return Cost(r * (m + k) + b + 2 * nnz, p * (r * (m + k) + nnz))
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, nnz={self.sparse.nnz}"
-
-
-class LowRankSparseConv2d(nn.Module):
+class LowRankSparseConv2d(_LowRankPlusSparse):
     """Sum of a channel-decomposed conv (child ``lowrank``, :class:`LowRankConv2d`, holds the bias) and
     a masked ``kh×kw`` conv (child ``sparse``) with the original stride / padding / dilation.
 
     In the im2col view ``W: (N, C·kh·kw) ≈ U (N, r) @ V (r, C·kh·kw) + S``.
     """
+
+    _conv = True
 
     def __init__(self, conv: nn.Conv2d, rank: int) -> None:
         super().__init__()
@@ -199,36 +211,6 @@ class LowRankSparseConv2d(nn.Module):
     @classmethod
     def like(cls, conv: nn.Conv2d, rank: int) -> "LowRankSparseConv2d":
         return cls(conv, rank)
-
-    def set_factors(self, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None,
-                    bias: torch.Tensor | None) -> "LowRankSparseConv2d":
-        """Load ``U: (N, rank)``, ``V: (rank, C·kh·kw)``, ``S: (N, C·kh·kw)`` (+ ``mask``) and the bias ``(N,)``."""
-        self.lowrank.set_factors(U, V, bias)
-        self.sparse.set_sparse(S, mask)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lowrank(x) + self.sparse(x)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dense equivalent kernel ``(N, C, kh, kw)``."""
-        return self.lowrank.weight + self.sparse.masked_weight()
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.lowrank.bias
-
-    def rankslim_cost(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Cost:
-        w = self.sparse.weight
-        m, k, r = int(w.shape[0]), int(w[0].numel()), self.rank
-        p = _positions(out_shape, True)
-        b = self.bias.numel() if self.bias is not None else 0
-        nnz = self.sparse.nnz
-        return Cost(r * (m + k) + b + 2 * nnz, p * (r * (m + k) + nnz))
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, nnz={self.sparse.nnz}"
 
 
 def build_sparse(module: nn.Module) -> nn.Module:
