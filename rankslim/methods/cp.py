@@ -16,12 +16,11 @@ from torch import nn
 
 from ..cost import Cost
 from ..decompose.cp import DEFAULT_MAX_BYTES, cp_als
-from ..errors import RankError, UnsupportedLayerError
+from ..errors import RankError
 from ..layers.cp import CPConv2d
-from ..layers.spatial import split_padding
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
-from .spatial import conv_geometry
+from .spatial import conv_geometry, separable_kernel_support
 from .tucker import _cum_energy, knob_spectrum
 
 
@@ -42,16 +41,8 @@ class CPMethod(Method):
     description = "CP decomposition (Lebedev et al. 2015) by CP-ALS: 1x1, kx1 dw, 1xk dw, 1x1"
 
     def supports(self, target: Target) -> str | None:
-        if target.kind != "conv":
-            return "CP acts on conv kernels; for Linear layers use 'svd' or 'tt'"
-        kh, kw = target.module.kernel_size
-        if kh * kw == 1:
-            return "1x1 kernel: CP of a matrix is a truncated SVD; use 'svd'"
-        try:
-            split_padding(target.module)
-        except UnsupportedLayerError as exc:
-            return str(exc)
-        return None
+        return separable_kernel_support(target, "CP acts on conv kernels; for Linear layers use 'svd' or 'tt'",
+                                        "1x1 kernel: CP of a matrix is a truncated SVD; use 'svd'")
 
     def max_rank(self, target: Target) -> int:
         N, C, kh, kw = target.module.weight.shape

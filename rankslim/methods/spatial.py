@@ -32,6 +32,24 @@ def spatial_cost(target: Target, rank: int) -> Cost:
     return Cost(int(params), int(macs))
 
 
+def separable_kernel_support(target: Target, linear_reason: str, pointwise_reason: str) -> str | None:
+    """Why a kernel cannot be split into vertical and horizontal convs (spatial, CP), or ``None`` when it can.
+
+    Linear layers and 1x1 kernels get the given reasons; padding that cannot be split (asymmetric
+    'same') gets :func:`split_padding`'s message.
+    """
+    if target.kind != "conv":
+        return linear_reason
+    kh, kw = target.module.kernel_size
+    if kh * kw == 1:
+        return pointwise_reason
+    try:
+        split_padding(target.module)
+    except UnsupportedLayerError as exc:
+        return str(exc)
+    return None
+
+
 @register
 class SpatialMethod(Method):
     """Tai et al.'s optimal vertical/horizontal separation from the SVD of the ``(C kh, N kw)`` rearranged kernel."""
@@ -40,16 +58,8 @@ class SpatialMethod(Method):
     description = "k x k -> (k x 1, 1 x k) spatial separation (Tai et al. 2016 closed form)"
 
     def supports(self, target: Target) -> str | None:
-        if target.kind != "conv":
-            return "Linear layers have no spatial kernel; use 'svd' or 'tt'"
-        kh, kw = target.module.kernel_size
-        if kh * kw == 1:
-            return "1x1 kernel: nothing to separate spatially; use 'svd'"
-        try:
-            split_padding(target.module)
-        except UnsupportedLayerError as exc:
-            return str(exc)
-        return None
+        return separable_kernel_support(target, "Linear layers have no spatial kernel; use 'svd' or 'tt'",
+                                        "1x1 kernel: nothing to separate spatially; use 'svd'")
 
     def max_rank(self, target: Target) -> int:
         return spatial_max_rank(tuple(target.module.weight.shape))
