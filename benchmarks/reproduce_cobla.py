@@ -110,7 +110,8 @@ def run_one(model, spec, scheme, alloc, budget, seed, test, input_shape):
         t0 = time.perf_counter()
         res = rankslim.compress(model, scheme, methods=methods, params=budget, macs=budget, allocator=alloc,
                                 data="fashion-mnist", calib_samples=CALIB, seed=seed,
-                                allocator_options=OPTIONS.get(alloc), input_shape=input_shape)
+                                allocator_options=dict(OPTIONS.get(alloc) or {}, **({"scale_weights": False} if alloc == "cobla" else {})),
+                                input_shape=input_shape)  # cobla-ranks: plain truncation; scaling is the second row
         wall = time.perf_counter() - t0
     allocation = cap.last
     f = res.report.fractions()
