@@ -32,3 +32,18 @@ class TinyNet(nn.Module):
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return TinyNet().eval()
+
+
+def train_on_digits(net: nn.Module, epochs: int, lr: float = 1e-2, batch: int = 128) -> nn.Module:
+    """Train ``net`` on scikit-learn digits (train split) with Adam; seeded by the caller. Returns it in eval mode."""
+    from rankslim.data import load_dataset
+
+    x, y = load_dataset("digits", "train").tensors
+    opt = torch.optim.Adam(net.parameters(), lr)
+    for _ in range(epochs):
+        for i in range(0, len(x), batch):
+            loss = nn.functional.cross_entropy(net(x[i:i + batch]), y[i:i + batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()

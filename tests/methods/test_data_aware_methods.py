@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from tests.conftest import train_on_digits
 from torch import nn
 
 import rankslim
@@ -25,16 +27,7 @@ def _net() -> nn.Module:
 def trained():
     torch.manual_seed(0)
     net = _net()
-    tr = load_dataset("digits", "train")
-    x, y = tr.tensors
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(8):
-        for i in range(0, len(x), 128):
-            loss = nn.functional.cross_entropy(net(x[i:i + 128]), y[i:i + 128])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    return train_on_digits(net, epochs=8)
 
 
 @pytest.mark.parametrize("method", METHODS)

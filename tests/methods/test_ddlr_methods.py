@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from tests.conftest import train_on_digits
 from torch import nn
 
 import rankslim
@@ -35,15 +37,7 @@ class MLP(nn.Module):
 def trained() -> nn.Module:
     torch.manual_seed(0)
     net = MLP()
-    x, y = load_dataset("digits", "train").tensors
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(15):
-        for i in range(0, len(x), 128):
-            loss = nn.functional.cross_entropy(net(x[i:i + 128]), y[i:i + 128])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    return train_on_digits(net, epochs=15)
 
 
 @pytest.fixture(scope="module")
