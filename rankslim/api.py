@@ -18,7 +18,7 @@ from .errors import BudgetError, RankError, RankslimError
 from .methods import DecomposeContext, Method, get_method
 from .plan import LayerPlan, Plan, attach_plan
 from .report import LayerRow, Report
-from .surgery import Target, check_finite, replace_modules, select_targets, working_copy
+from .surgery import Skipped, Target, check_finite, replace_modules, select_targets, working_copy
 
 
 @dataclass
@@ -157,7 +157,6 @@ def compress(
         m = get_method(_method_for(t.name, method, methods))
         why = m.supports(t)
         if why:
-            from .surgery import Skipped
             skipped.append(Skipped(t.name, type(t.module).__name__, f"{m.name}: {why}"))
             continue
         chosen[t.name] = m

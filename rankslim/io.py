@@ -26,9 +26,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
     plan = get_plan(model)
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # tied weights share storage; safetensors refuses shared tensors, so store copies
-    state = {k: v.clone() for k, v in state.items()}
+    # tied weights share storage and safetensors refuses shared tensors, so every entry is its own copy
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp), metadata={"rankslim_plan": plan.to_json()})
