@@ -40,3 +40,7 @@ class CheckpointError(RankslimError):
 
 class UnsupportedLayerError(RankslimError):
     """A method was asked to decompose a layer type it does not support."""
+
+
+class OptionError(RankslimError):
+    """An option of a method or allocator is unknown, conflicts with another, or has a bad value."""
