@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DataError, RankslimError
+from ..linalg import svt
 
 #: ``solver="auto"`` uses cvxpy + SCS when the SDP is small enough to solve in a few seconds:
 #: ``(m + k)`` at most this (the PSD cone side) and ``m * k * n`` (non-zeros of the linear map
@@ -167,25 +168,6 @@ def _project_c(Z: torch.Tensor, Ypos: torch.Tensor, pos: torch.Tensor, eps: floa
     return torch.where(pos, Ypos + scale * d, torch.minimum(Z, upper))
 
 
-def _svt(A: torch.Tensor, tau: float) -> torch.Tensor:
-    """Singular value thresholding ``U diag((s - tau)_+) Vᵀ`` of ``A: (m, k)``.
-
-    Computed from the eigendecomposition of the smaller Gram matrix (several times faster than an
-    SVD for the layer sizes here): ``A V diag((1 - tau/s)_+) Vᵀ``.  Squaring only loses relative
-    accuracy on singular values near ``sqrt(machine eps) * s_max``, which thresholding zeroes
-    anyway for any useful ``tau``.
-    """
-    m, k = A.shape
-    if m < k:
-        return _svt(A.T, tau).T
-    lam, V = torch.linalg.eigh(A.T @ A)
-    s = lam.clamp_min(0).sqrt()
-    shrink = torch.where(s > tau, 1.0 - tau / s.clamp_min(1e-300), torch.zeros_like(s))
-    keep = shrink > 0
-    Vk = V[:, keep]
-    return (A @ Vk) * shrink[keep] @ Vk.T
-
-
 OBJECTIVES = ("nuclear", "l1")
 
 
@@ -286,7 +268,7 @@ def ddlr_admm(
         Uh = alpha * U + (1 - alpha) * V_old
         UXh = alpha * UX + (1 - alpha) * Z_old
         if objective == "nuclear":
-            V = _svt(Uh + P, 1.0 / rho)
+            V = svt(Uh + P, 1.0 / rho)
         else:
             V = _soft(Uh + P, 1.0 / rho)
         Z = _project_c(UXh + Q, Ypos, pos, eps, upper)

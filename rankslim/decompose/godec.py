@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RankError
+from ..linalg import range_finder
 from .prune import hard_threshold
 
 
@@ -34,12 +35,8 @@ class GoDecResult:
 
 def brp_lowrank(M: torch.Tensor, rank: int, power: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilateral random projection rank-``rank`` approximation of ``M: (m, k)`` as ``(M Q, Qᵀ)``."""
-    k = M.shape[1]
-    Y2 = torch.randn(k, rank, generator=generator, dtype=M.dtype).to(M.device)
-    for _ in range(power + 1):
-        Y1 = M @ Y2
-        Y2 = M.T @ Y1
-    Q, _ = torch.linalg.qr(Y2)
+    # Y₂ = (MᵀM)^(power+1) Ω: 2(power + 1) products, no re-orthogonalisation (the published GoDec code)
+    Q = range_finder(M, rank, passes=2 * (power + 1), generator=generator, reorthogonalize=False)
     return M @ Q, Q.T
 
 

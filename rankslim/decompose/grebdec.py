@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RankError
+from ..linalg import range_finder
 from .prune import DataTerms, hard_threshold
 
 #: use a sparse (CSR) product for ``S @ A`` when S has at most this density and this many entries
@@ -181,9 +182,8 @@ def grebdec(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, rank: i
             # (8): grow V by Δr rows spanning the top right-singular directions of the gradient
             dr = min(delta_r, rank - r_cur)
             grad = WA - N
-            Z = grad.T @ rand(m, dr)           # k × Δr, one power step sharpens the subspace
-            Z = grad.T @ (grad @ Z)
-            v = torch.linalg.qr(Z)[0].T
+            # orth(Gᵀ G Gᵀ Ω): k × Δr, the one power step sharpens the subspace
+            v = range_finder(grad.T, dr, passes=3, generator=gen, reorthogonalize=False).T
             V = torch.cat([V, v], 0)
             r_cur += dr
         elif len(obj) > 1 and abs(obj[-2] - obj[-1]) <= tol * max(abs(obj[-1]), 1e-300):

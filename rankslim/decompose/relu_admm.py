@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DataError
+# the prox of tau ||.||_* is singular value thresholding; kept importable under the lecture's name
+from ..linalg import svt as prox_nuclear
 
 ACTIVATIONS = ("relu", "linear")
 
@@ -86,14 +88,6 @@ def prox_l21_columns(C: torch.Tensor, tau: float) -> torch.Tensor:
     norms = torch.linalg.vector_norm(C, dim=0)
     scale = torch.where(norms > tau, (norms - tau) / norms.clamp_min(1e-300), torch.zeros_like(norms))
     return C * scale
-
-
-def prox_nuclear(D: torch.Tensor, tau: float) -> torch.Tensor:
-    """Prox of ``tau ||.||_*``: singular value thresholding of ``D: (m, k)``."""
-    U, s, Vh = torch.linalg.svd(D, full_matrices=False)
-    s = (s - tau).clamp_min(0)
-    r = int((s > 0).sum())
-    return (U[:, :r] * s[:r]) @ Vh[:r]
 
 
 def relu_admm(

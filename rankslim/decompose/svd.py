@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RankError
+from ..linalg import gram_svd, range_finder
 
 #: Matrices with at least this many entries avoid LAPACK's full SVD, which is the slow part
 #: (``svdvals`` of a 4096 x 25088 matrix: ~80 s on two cores).  Small ranks (under
@@ -53,37 +54,16 @@ def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto") -> st
     return "randomized" if rank < RANDOMIZED_MAX_RANK_FRACTION * min(m, n) else "gram"
 
 
-def gram_svd(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD of ``W: (m, n)`` from the eigendecomposition of its smaller Gram matrix.
-
-    Returns ``U: (m, rank)``, ``S: (rank,)``, ``Vh: (rank, n)``; use float64 input.
-    """
-    m, n = W.shape
-    wide = m <= n
-    G = W @ W.T if wide else W.T @ W
-    lam, E = torch.linalg.eigh(G)
-    lam, E = lam.flip(0)[:rank], E.flip(1)[:, :rank]
-    S = lam.clamp_min(0).sqrt()
-    inv = torch.where(S > S[0] * 1e-12, 1.0 / S.clamp_min(1e-300), torch.zeros_like(S))
-    if wide:
-        return E, S, (E.T @ W) * inv[:, None]
-    return (W @ E) * inv, S, E.T
-
-
 def randomized_svd(
     W: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD of ``W: (m, n)``: returns ``U: (m, rank)``, ``S: (rank,)``, ``Vh: (rank, n)``.
 
-    Range finder with ``n_iter`` QR-stabilised power iterations and ``oversample`` extra columns.
+    :func:`~rankslim.linalg.range_finder` with ``n_iter`` QR-stabilised power iterations and
+    ``oversample`` extra columns, then the exact SVD of the small projected matrix.
     """
     m, n = W.shape
-    k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, generator=generator, dtype=W.dtype, device=W.device)
-    Q, _ = torch.linalg.qr(W @ omega)
-    for _ in range(n_iter):
-        Z, _ = torch.linalg.qr(W.T @ Q)
-        Q, _ = torch.linalg.qr(W @ Z)
+    Q = range_finder(W, min(rank + oversample, m, n), passes=2 * n_iter + 1, generator=generator)
     B = Q.T @ W
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
@@ -122,8 +102,7 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
     m, n = W64.shape
     if m * n < LARGE_MIN_ENTRIES:
         return torch.linalg.svdvals(W64)
-    G = W64 @ W64.T if m <= n else W64.T @ W64
-    return torch.linalg.eigvalsh(G).flip(0).clamp_min(0).sqrt()
+    return gram_svd(W64, left=False, right=False)[1]
 
 
 def energy_rank(sigma: torch.Tensor, energy: float) -> int:
@@ -141,3 +120,7 @@ def energy_rank(sigma: torch.Tensor, energy: float) -> int:
     # tolerance so that energy=1.0 does not overshoot through rounding
     r = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
     return max(1, min(r, sigma.numel()))
+
+
+__all__ = ["LowRankFactors", "SOLVERS", "choose_solver", "gram_svd", "randomized_svd", "truncated_svd",
+           "singular_values", "energy_rank", "LARGE_MIN_ENTRIES", "RANDOMIZED_MAX_RANK_FRACTION"]

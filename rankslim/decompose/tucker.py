@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RankError
+from ..linalg import gram_svd
 from .evbmf import evbmf
 
 
@@ -58,8 +59,7 @@ def _leading_left(M: torch.Tensor, r: int) -> torch.Tensor:
     m, n = M.shape
     if n > 4 * m:
         # eigh of M M^T is far cheaper for the wide unfoldings of big kernels (e.g. 512 x 4608)
-        evals, evecs = torch.linalg.eigh(M @ M.T)
-        return evecs.flip(-1)[:, :r]
+        return gram_svd(M, r, right=False)[0]
     # a rank above min(m, n) still needs r orthonormal columns (the extra ones span nothing of M)
     U, _, _ = torch.linalg.svd(M, full_matrices=r > min(m, n))
     return U[:, :r]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RankError
+# re-exported under its historical name: methods.base imports it from here
+from ..linalg import psd_sqrt_inv_sqrt as sqrt_and_inv_sqrt
 from .prune import DataTerms
 
 
@@ -28,17 +30,6 @@ class GSVDFactors:
     U: torch.Tensor
     V: torch.Tensor
     sigma: torch.Tensor
-
-
-def sqrt_and_inv_sqrt(A: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A^{1/2}`` and ``A^{-1/2}`` of a symmetric PSD ``A: (k, k)`` via ``eigh`` (float64).
-
-    Eigenvalues below ``floor·λ_max`` are clamped to that floor (a pseudo-inverse square root).
-    """
-    evals, Q = torch.linalg.eigh(A.to(torch.float64))
-    lo = floor * max(float(evals[-1]), 1e-300)
-    ev = evals.clamp_min(lo)
-    return (Q * ev.sqrt()) @ Q.T, (Q * ev.rsqrt()) @ Q.T
 
 
 def truncated_gsvd(B: torch.Tensor, A: torch.Tensor, rank: int, A_isqrt: torch.Tensor | None = None) -> GSVDFactors:

@@ -1,0 +1,104 @@
+"""The numeric kernels the decompositions share, each in exactly one place.
+
+* :func:`gram_svd`: singular values (and vectors) from the eigendecomposition of the smaller Gram matrix;
+* :func:`svt`: singular value thresholding, the prox of ``tau * ||.||_*``;
+* :func:`range_finder`: randomized orthonormal basis of a matrix's dominant range (subspace iteration);
+* :func:`psd_sqrt_inv_sqrt`: ``A^{1/2}`` and ``A^{-1/2}`` of a symmetric PSD matrix with explicit damping.
+
+Pure functions on tensors; no ``nn.Module`` is touched.  The Gram routes square the condition
+number, so pass float64: singular values below ``~1e-8 · s_max`` lose relative accuracy there
+(truncation and thresholding drop those anyway).
+"""
+from __future__ import annotations
+
+import torch
+
+#: singular values at most this fraction of the largest count as zero when a factor divides by them
+REL_ZERO = 1e-12
+
+
+def gram_svd(W: torch.Tensor, rank: int | None = None, *, left: bool = True, right: bool = True
+             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Top-``rank`` SVD ``W ≈ U diag(S) Vh`` of ``W: (m, n)`` from ``eigh`` of the smaller Gram matrix.
+
+    Returns ``U: (m, r)``, ``S: (r,)`` (descending, >= 0) and ``Vh: (r, n)`` with ``r = rank``
+    (``min(m, n)`` when ``None``).  ``left=False`` / ``right=False`` skip ``U`` / ``Vh`` (returned
+    as ``None``); with neither, only eigenvalues are computed (``eigvalsh``, the cheapest route to
+    the spectrum).  The factor on the Gram side is an exact orthonormal eigenbasis; the other one is
+    ``W E / S`` and has zero columns for singular values ``<= 1e-12 · S[0]`` (rank-deficient ``W``),
+    so ``U diag(S) Vh`` is still the best rank-``r`` approximation.
+    """
+    m, n = W.shape
+    r = min(m, n) if rank is None else int(rank)
+    wide = m <= n
+    G = W @ W.T if wide else W.T @ W
+    if not (left or right):
+        return None, torch.linalg.eigvalsh(G).flip(0)[:r].clamp_min(0).sqrt(), None
+    lam, E = torch.linalg.eigh(G)
+    lam, E = lam.flip(0)[:r], E.flip(1)[:, :r]
+    S = lam.clamp_min(0).sqrt()
+    # the Gram side needs no division; the other side is only formed when asked for
+    if wide and not right:
+        return E, S, None
+    if not wide and not left:
+        return None, S, E.T
+    top = S[0] if S.numel() else S.new_zeros(())
+    inv = torch.where(S > top * REL_ZERO, 1.0 / S.clamp_min(1e-300), torch.zeros_like(S))
+    if wide:
+        return (E if left else None), S, (E.T @ W) * inv[:, None]
+    return (W @ E) * inv, S, (E.T if right else None)
+
+
+def svt(A: torch.Tensor, tau: float) -> torch.Tensor:
+    """Singular value thresholding ``U diag((s - tau)_+) Vᵀ`` of ``A: (m, k)``: the prox of ``tau ||.||_*``.
+
+    Computed as ``A V diag((1 - tau/s)_+) Vᵀ`` from ``eigh`` of the smaller Gram matrix, several
+    times faster than an SVD at layer sizes.  Returns a tensor shaped and typed like ``A``, of rank
+    ``#{s > tau}``.
+    """
+    m, k = A.shape
+    if m < k:
+        return svt(A.T, tau).T
+    lam, V = torch.linalg.eigh(A.T @ A)
+    s = lam.clamp_min(0).sqrt()
+    shrink = torch.where(s > tau, 1.0 - tau / s.clamp_min(1e-300), torch.zeros_like(s))
+    keep = shrink > 0
+    Vk = V[:, keep]
+    return (A @ Vk) * shrink[keep] @ Vk.T
+
+
+def range_finder(M: torch.Tensor, size: int, passes: int = 1, generator: torch.Generator | None = None,
+                 reorthogonalize: bool = True) -> torch.Tensor:
+    """Orthonormal basis of the dominant subspace of ``M: (m, n)`` by randomized subspace iteration.
+
+    Draws a Gaussian ``Ω: (n, size)`` (from ``generator``, in ``M``'s dtype, on the CPU so a seed
+    gives the same draw on every device) and applies ``M, Mᵀ, M, ...`` ``passes`` times.  An odd
+    ``passes`` ends in the column space and returns ``Q: (m, size)``; an even one ends in the row
+    space and returns ``Q: (n, size)``.  With ``reorthogonalize`` every intermediate product is
+    QR-stabilised (Halko, Martinsson & Tropp 2011, Alg. 4.4, ``passes = 2q + 1``); without it the
+    products run straight through and only the result is orthonormalised (their Alg. 4.3; GoDec's
+    bilateral random projection), which is cheaper but loses directions below
+    ``~eps^(1/passes) · s_max``.
+    """
+    Y = torch.randn(M.shape[1], size, generator=generator, dtype=M.dtype).to(M.device)
+    for i in range(passes):
+        if reorthogonalize and i > 0:
+            Y = torch.linalg.qr(Y)[0]
+        Y = (M if i % 2 == 0 else M.T) @ Y
+    return torch.linalg.qr(Y)[0]
+
+
+def psd_sqrt_inv_sqrt(A: torch.Tensor, damping: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A^{1/2}`` and ``A^{-1/2}`` of a symmetric PSD ``A: (k, k)`` via ``eigh``; both ``(k, k)`` float64.
+
+    ``damping`` is explicit: eigenvalues below ``damping · λ_max`` are raised to that floor, so a
+    singular ``A`` (dead inputs, zero padding) gives a finite pseudo-inverse square root.
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    evals, Q = torch.linalg.eigh(A.to(torch.float64))
+    ev = evals.clamp_min(damping * max(float(evals[-1]), 1e-300))
+    return (Q * ev.sqrt()) @ Q.T, (Q * ev.rsqrt()) @ Q.T
+
+
+__all__ = ["REL_ZERO", "gram_svd", "svt", "range_finder", "psd_sqrt_inv_sqrt"]
