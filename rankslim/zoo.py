@@ -8,8 +8,13 @@ A *model spec* is how the CLI and :func:`rankslim.compress` name a model:
 ``torchvision:NAME@weights.pth``   the same, with a user ``state_dict`` (``weights_only=True``)
 ``path/to/model.pt`` / ``.pth``    a whole module saved with ``torch.save`` (unpickled: trusted files only)
 ``path/to/model.rankslim``         a compressed model written by :func:`rankslim.save`
-``package.module:function``        a function returning an ``nn.Module``
+``package.module:function``        a function returning an ``nn.Module`` (importable from the working directory too)
+``path/to/file.py:function``       the same, from a Python file (runs that file, like an import)
 =================================  ==========================================================
+
+This module sits below :mod:`rankslim.io`: it reads ``.rankslim`` files through :mod:`rankslim.plan`
+(:func:`~rankslim.plan.read_plan`, :func:`~rankslim.plan.restore`), and ``io`` imports it to resolve
+the model a file was made from; neither needs the other at call time.
 
 Checkpoints of the zoo live in ``rankslim/checkpoints/NAME.safetensors`` (tensors only, never
 pickles) next to ``NAME.json`` (how they were trained). ``scripts/train_reference.py`` rebuilds them.
@@ -17,15 +22,20 @@ pickles) next to ``NAME.json`` (how they were trained). ``scripts/train_referenc
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ModelSpecError
+from .plan import Plan, read_plan, restore
 
 #: where the committed reference checkpoints live (package data)
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -174,7 +184,6 @@ def get_zoo_model(name: str, pretrained: bool = True) -> nn.Module:
         if not path.is_file():
             raise ModelSpecError(f"the checkpoint of zoo:{name} is missing ({path}); rebuild it with "
                                  f"`python scripts/train_reference.py --model {name}`, or use pretrained=False")
-        from safetensors.torch import load_file
         try:
             state = load_file(str(path), device="cpu")
             model.load_state_dict(state, strict=True)
@@ -232,24 +241,56 @@ def _resolve_torchvision(spec: str, body: str, input_shape: tuple[int, ...] | No
     return ModelSpec(model.eval(), tuple(input_shape) if input_shape else TORCHVISION_INPUT_SHAPE, None, spec)
 
 
+class PickleWarning(UserWarning):
+    """A whole-module ``.pt``/``.pth`` file is being unpickled: it can run any code it contains."""
+
+
+#: pickled files already warned about in this process (each is warned about once)
+_WARNED_PICKLES: set[str] = set()
+
+
+def _warn_pickle(path: Path) -> None:
+    key = str(path.resolve())
+    if key in _WARNED_PICKLES:
+        return
+    _WARNED_PICKLES.add(key)
+    warnings.warn(f"{path} is a pickled module: opening it runs any code it contains. Only open files you trust; "
+                  "a .rankslim file or torchvision:NAME@weights.pth never runs code.", PickleWarning, stacklevel=4)
+
+
+#: specs a file may name to rebuild its original model: they build code rankslim ships or torchvision's
+SAFE_SPEC_PREFIXES = ("zoo:", "torchvision:")
+
+
+def plan_base_model(plan: Plan, path: str | os.PathLike) -> nn.Module:
+    """The original model a ``.rankslim`` file's ``plan`` was made from, for specs that run no foreign code.
+
+    Only ``zoo:`` and ``torchvision:`` specs are followed (a ``torchvision:NAME@w.pth`` spec is
+    rebuilt without its weights file: the ``.rankslim`` file holds every weight).  Any other spec
+    would import or unpickle code the file names, so :class:`ModelSpecError` asks for the model.
+    """
+    spec = plan.model_spec
+    if not spec or not spec.startswith(SAFE_SPEC_PREFIXES):
+        raise ModelSpecError(f"{path} was made from {spec or 'a user model'}; pass the original model definition: "
+                             "rankslim.load(path, model=MyModel())")
+    return resolve_model(spec.split("@")[0] if spec.startswith("torchvision:") else spec).model
+
+
 def _resolve_file(spec: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ModelSpecError(f"model file {path} does not exist")
     if path.suffix == ".rankslim":
-        try:
-            from . import io as rio
-        except ImportError:
-            raise ModelSpecError(f"{path} is a rankslim file but rankslim.io is not available") from None
-        model = rio.load(path)
-        plan_spec = getattr(rio.read_plan(path), "model_spec", None)
+        plan = read_plan(path)
+        model = restore(path, plan_base_model(plan, path))
         shape, dataset = input_shape, None
-        if isinstance(plan_spec, str) and plan_spec.startswith("zoo:") and plan_spec[4:] in ZOO:
-            entry = ZOO[plan_spec[4:]]
+        if isinstance(plan.model_spec, str) and plan.model_spec.startswith("zoo:") and plan.model_spec[4:] in ZOO:
+            entry = ZOO[plan.model_spec[4:]]
             shape, dataset = shape or entry.input_shape, entry.dataset
-        elif isinstance(plan_spec, str) and plan_spec.startswith("torchvision:"):
+        elif isinstance(plan.model_spec, str) and plan.model_spec.startswith("torchvision:"):
             shape = shape or TORCHVISION_INPUT_SHAPE
         return ModelSpec(model, tuple(shape) if shape else None, dataset, spec)
+    _warn_pickle(path)
     try:
         # A whole pickled module: unpickling runs code from the file. Done only for a path the user
         # named explicitly, never for files discovered or referenced elsewhere.
@@ -262,10 +303,56 @@ def _resolve_file(spec: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
     return ModelSpec(obj.eval(), tuple(input_shape) if input_shape else None, None, spec)
 
 
-def _resolve_callable(spec: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
-    mod_name, _, fn_name = spec.partition(":")
+def _import_from_file(path: Path) -> object:
+    """Import the Python file ``path`` as a module named after its stem (its folder importable meanwhile)."""
+    if not path.is_file():
+        raise ModelSpecError(f"Python file {path} does not exist")
+    name = path.stem
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # so the file can import its sibling modules
+    # registered under its name so classes defined there pickle and deep-copy like any imported ones
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
     try:
-        module = importlib.import_module(mod_name)
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous
+        raise
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def _import_module(mod_name: str) -> object:
+    """``importlib.import_module`` with the current working directory importable, as users expect of
+    ``python -c`` and the ``rankslim`` command alike (the console script's ``sys.path`` lacks it)."""
+    cwd = os.getcwd()
+    add = cwd not in sys.path and "" not in sys.path
+    if add:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(mod_name)
+    finally:
+        if add:
+            sys.path.remove(cwd)
+
+
+def _resolve_callable(spec: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
+    mod_name, _, fn_name = spec.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            module = _import_from_file(Path(mod_name).expanduser())
+        else:
+            module = _import_module(mod_name)
+    except ModelSpecError:
+        raise
     except Exception as exc:
         raise ModelSpecError(f"cannot import {mod_name!r} from spec {spec!r}: {exc}") from exc
     fn = module
@@ -283,7 +370,7 @@ def _resolve_callable(spec: str, input_shape: tuple[int, ...] | None) -> ModelSp
 
 
 _SPEC_HELP = ("valid model specs: zoo:NAME (" + ", ".join(f"zoo:{n}" for n in sorted(ZOO)) + "), torchvision:NAME"
-              "[@weights.pth], a saved module file (.pt/.pth/.rankslim), or package.module:function")
+              "[@weights.pth], a saved module file (.pt/.pth/.rankslim), package.module:function or file.py:function")
 
 
 def resolve_model(spec: str | nn.Module, input_shape: tuple[int, ...] | None = None) -> ModelSpec:
@@ -294,7 +381,8 @@ def resolve_model(spec: str | nn.Module, input_shape: tuple[int, ...] | None = N
 
     A ``.pt``/``.pth`` path is loaded with ``torch.load(weights_only=False)``, which unpickles and can
     run code from the file: this happens only for a path the caller names explicitly, so only pass
-    files you trust. Every other kind loads tensors only or calls code the caller named.
+    files you trust; a :class:`PickleWarning` says so once per file.  ``zoo:``, ``torchvision:`` and
+    ``.rankslim`` load tensors only; ``module:function`` and ``file.py:function`` run code the caller named.
 
     Raises :class:`ModelSpecError` for unknown names, missing files and failed imports, listing
     the valid choices.
@@ -318,11 +406,14 @@ def resolve_model(spec: str | nn.Module, input_shape: tuple[int, ...] | None = N
     if Path(spec).expanduser().exists() or spec.endswith((".pt", ".pth", ".rankslim")):
         return _resolve_file(spec, input_shape)
     if ":" in spec:
-        mod, _, fn = spec.partition(":")
-        if mod and fn and all(p.isidentifier() for p in mod.split(".") + fn.split(".")):
+        mod, _, fn = spec.rpartition(":")
+        fn_ok = bool(fn) and all(p.isidentifier() for p in fn.split("."))
+        if fn_ok and mod.endswith(".py"):
+            return _resolve_callable(spec, input_shape)
+        if fn_ok and mod and all(p.isidentifier() for p in mod.split(".")):
             return _resolve_callable(spec, input_shape)
     raise ModelSpecError(f"cannot resolve model spec {spec!r}; " + _SPEC_HELP)
 
 
-__all__ = ["CHECKPOINT_DIR", "ZOO", "ZooEntry", "LeNet5", "ResNet20", "BasicBlock", "ModelSpec", "lenet5",
-           "resnet20", "get_zoo_model", "resolve_model"]
+__all__ = ["CHECKPOINT_DIR", "SAFE_SPEC_PREFIXES", "ZOO", "ZooEntry", "LeNet5", "ResNet20", "BasicBlock", "ModelSpec",
+           "PickleWarning", "lenet5", "resnet20", "get_zoo_model", "plan_base_model", "resolve_model"]
