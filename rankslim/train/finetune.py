@@ -185,7 +185,8 @@ def finetune(
             if isinstance(teacher, (str, os.PathLike)):
                 from ..zoo import resolve_model
                 teacher = resolve_model(os.fspath(teacher)).model
-            t_model = teacher.to(ctx.device).eval()
+            # a private copy: the user's teacher is neither moved nor switched to eval mode
+            t_model = copy.deepcopy(teacher).to(ctx.device).eval()
             for p in t_model.parameters():
                 p.requires_grad_(False)
         guard = MaskGuard(work, freeze_zeros)
@@ -225,17 +226,19 @@ def finetune(
             early_from = p1 + p2  # only the last phase may stop early
 
         handles = guard.hook_grads()
-        res = fit(work, train_set, val_set, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                  momentum=momentum, weight_decay=weight_decay, schedule=schedule, lr_lambda=lr_lambda,
-                  loss_fn=loss_fn, patience=patience,
-                  seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
-                  config={"kind": "finetune", "distill": t_model is not None, "temperature": temperature,
-                          "alpha": alpha, "phased": phased, "val_fraction": val_fraction,
-                          "final_lr_factor": final_lr_factor, "freeze_zeros": freeze_zeros},
-                  after_step=(lambda step: guard.apply()) if len(guard) else None, frozen=frozen_fn,
-                  early_stop_from=early_from, progress=progress, desc="finetune", ctx=ctx)
-        for h in handles:
-            h.remove()
+        try:
+            res = fit(work, train_set, val_set, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                      momentum=momentum, weight_decay=weight_decay, schedule=schedule, lr_lambda=lr_lambda,
+                      loss_fn=loss_fn, patience=patience,
+                      seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                      config={"kind": "finetune", "distill": t_model is not None, "temperature": temperature,
+                              "alpha": alpha, "phased": phased, "val_fraction": val_fraction,
+                              "final_lr_factor": final_lr_factor, "freeze_zeros": freeze_zeros},
+                      after_step=(lambda step: guard.apply()) if len(guard) else None, frozen=frozen_fn,
+                      early_stop_from=early_from, progress=progress, desc="finetune", ctx=ctx)
+        finally:
+            for h in handles:
+                h.remove()
         guard.apply()
         val_after = evaluate(work, val_set, device=ctx.device)[1] if val_set is not None else None
         return FinetuneResult(work, val_before, val_after, res.history, res.best_epoch, res.stopped_early,
