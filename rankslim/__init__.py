@@ -10,6 +10,7 @@ from .io import load, read_plan, save
 from .methods import METHODS, get_method
 from .plan import Plan, apply_plan, get_plan
 from .report import Report
+from .train import FinetuneResult, LRPETResult, finetune, train_lrpet, train_trp
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "InputShapeError", "InvalidWeightsError", "ModelSpecError", "Plan", "PlanError", "RankError", "RankslimError",
     "Report", "UnsupportedLayerError", "apply_plan", "compress", "flop_counter_macs", "get_method", "get_plan",
     "load", "model_cost", "read_plan", "save",
+    "FinetuneResult", "LRPETResult", "finetune", "train_lrpet", "train_trp",
 ]

@@ -188,6 +188,10 @@ def methods() -> None:
     console.print("allocators: " + ", ".join(sorted(ALLOCATORS)))
 
 
+from .cli_train import register as _register_train  # noqa: E402  (adds `finetune` and `train`)
+_register_train(app)
+
+
 def main() -> None:
     """Entry point of the ``rankslim`` console script."""
     app()
