@@ -2,26 +2,32 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from .errors import RankslimError
+from .errors import InputShapeError, RankslimError
+from .outputs import DEFAULT_ROOT, check_output_dir, default_output_dir, write_outputs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained PyTorch networks smaller and faster by low-rank and sparse decomposition.")
 # rich falls back to 80 columns when not on a terminal, which truncates the per-layer table in logs
 console = Console() if sys.stdout.isatty() else Console(width=180)
-err_console = Console(stderr=True)
+# soft_wrap: an error is one line however long, so logs and scripts see it whole
+err_console = Console(stderr=True, soft_wrap=True)
 
 #: the main job on bundled defaults: the reference ResNet on Fashion-MNIST at half the MACs
 DEFAULT_MODEL = "zoo:resnet20"
 DEFAULT_MACS = 0.5
+#: accuracy drops larger than this (a fraction: 0.03 is 3 points) get a warning after compress
+ACCURACY_DROP_WARN = 0.03
+#: set to see the Python traceback of an internal error instead of the one-line summary
+DEBUG_ENV = "RANKSLIM_DEBUG"
 
 
 def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -48,8 +54,36 @@ def _options(pairs: list[str], flag: str) -> dict:
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}")
+    # Text, not markup: a message holding [brackets] (lists, globs) must print as written
+    err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
     raise typer.Exit(code=2)
+
+
+def _internal(exc: Exception) -> None:
+    """An exception that is not a user error: a bug. One line with what to do, exit 1 (2 is for bad input)."""
+    if os.environ.get(DEBUG_ENV):
+        raise exc
+    err_console.print(Text.assemble(
+        ("internal error: ", "bold red"), f"{type(exc).__name__}: {exc} — this is a bug in rankslim; please "
+        f"report it with the command you ran (rerun with {DEBUG_ENV}=1 to see the traceback)"))
+    raise typer.Exit(code=1)
+
+
+def _option_error(exc: Exception, method_option: list[str], allocator_option: list[str]) -> RankslimError:
+    """A ValueError/TypeError from deep code while the user passed -M/-A options: almost always those options
+    (an unknown key, a string where a number is needed), so it is reported as bad input naming them."""
+    flags = [f for f, given in (("--method-option", method_option), ("--allocator-option", allocator_option))
+             if given]
+    given = " ".join([f"-M {o}" for o in method_option] + [f"-A {o}" for o in allocator_option])
+    return RankslimError(f"{' or '.join(flags)} rejected ({given}): {exc}; check the option names and value "
+                         f"types (if they are right, rerun with {DEBUG_ENV}=1 and report the traceback)")
+
+
+def _require_shape(spec) -> tuple[int, ...]:
+    if spec.input_shape is None:
+        raise InputShapeError(f"the input shape of {spec.spec or 'this model'} is not known: pass the per-sample "
+                              "shape with --input-shape, e.g. --input-shape 3,32,32")
+    return spec.input_shape
 
 
 @app.command()
@@ -63,12 +97,18 @@ def compress(
     energy: Optional[float] = typer.Option(None, "--energy", help="keep this fraction of squared singular values"),
     allocator: Optional[str] = typer.Option(None, "--allocator", "-a", help="rank allocator for budgets (default cptv)"),
     data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist | mnist | digits (calibration + accuracy)"),
-    out: Path = typer.Option(Path("rankslim-out"), "--out", "-o", help="output directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="output directory (default: rankslim-out/<model>-<method>-<budget>); "
+                                            "a non-empty directory rankslim did not write is refused"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty directory rankslim did not write; "
+                                                      "only rankslim's own file names are written, nothing deleted"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="per-sample input shape, e.g. 3,224,224"),
     include: list[str] = typer.Option([], "--include", help="only layers matching this glob (repeatable)"),
     exclude: list[str] = typer.Option([], "--exclude", help="skip layers matching this glob (repeatable)"),
     min_params: int = typer.Option(0, "--min-params", help="skip layers with fewer weights"),
     keep_stem: bool = typer.Option(False, "--keep-stem", help="leave convs with <= 3 input channels dense"),
+    keep_head: bool = typer.Option(True, "--keep-head/--no-keep-head",
+                                   help="leave the output head (the layer producing the logits) dense"),
     round_to: int = typer.Option(1, "--round-to", help="round ranks up to a multiple of this"),
     calib_samples: int = typer.Option(256, "--calib-samples", help="calibration samples for data-aware methods"),
     sequential: bool = typer.Option(True, "--sequential/--independent",
@@ -99,68 +139,92 @@ def compress(
             if all(v is None for v in (params, macs, ratio, energy)):
                 macs = DEFAULT_MACS
             bn_recalibrate = keep_stem = True
+        out = out if out is not None else default_output_dir(
+            model, method, {"params": params, "macs": macs, "ratio": ratio, "energy": energy}, allocator)
+        names = ["model.rankslim", "report.json", "report.md"] + (["model.onnx"] if onnx else [])
+        # before the long compression: a refused directory costs nothing and nothing is written
+        check_output_dir(out, names, force)
+        m_opts = _options(method_option, "--method-option")
+        a_opts = _options(allocator_option, "--allocator-option")
         spec = resolve_model(model, input_shape=_shape(input_shape))
+        shape = _require_shape(spec)
         dataset = data or spec.dataset
-        result = api.compress(
-            spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
-            input_shape=spec.input_shape, include=include or None, exclude=exclude or None,
-            min_params=min_params, keep_stem=keep_stem, round_to=round_to, data=dataset, calib_samples=calib_samples,
-            sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate, progress=console.is_terminal,
-            method_options=_options(method_option, "--method-option"),
-            allocator_options=_options(allocator_option, "--allocator-option"))
+        try:
+            result = api.compress(
+                spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
+                input_shape=shape, include=include or None, exclude=exclude or None,
+                min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to, data=dataset,
+                calib_samples=calib_samples, sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate,
+                progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts)
+        except (TypeError, ValueError) as exc:
+            if not (m_opts or a_opts):
+                raise
+            raise _option_error(exc, method_option, allocator_option) from exc
         result.plan.model_spec = spec.spec
         if dataset is not None:
             test_set = load_dataset(dataset, "test")
             with console.status(f"evaluating on {dataset} test split..."):
                 before = evaluate_accuracy(spec.model, test_set, max_samples=eval_samples)
                 after = evaluate_accuracy(result.model, test_set, max_samples=eval_samples)
-            result.report.metrics.update({"dataset": dataset, "accuracy_before": before, "accuracy_after": after})
+            result.report.metrics.update({"dataset": dataset, "accuracy_before": before, "accuracy_after": after,
+                                          "accuracy_drop": before - after})
         console.print(result.report.rich_table())
         for line in result.report.totals_lines():
             console.print(line)
         for s in result.report.skipped:
             console.print(f"[yellow]skipped[/] {s['name']} ({s['type']}): {s['reason']}")
-        _write_outputs(result, out, io, onnx_shape=spec.input_shape if onnx else None)
+        if dataset is not None and before - after > ACCURACY_DROP_WARN:
+            console.print(Text(f"warning: accuracy fell from {100 * before:.1f}% to {100 * after:.1f}% "
+                               f"({100 * (before - after):.1f} points); try a larger budget, a data-aware method "
+                               "(`rankslim methods`), or fine-tuning the compressed model", style="yellow"), soft_wrap=True)
+        written = _write_outputs(result, out, io, onnx_shape=shape if onnx else None, force=force)
         console.print(f"[green]wrote[/] {out}/model.rankslim, report.json, report.md{', model.onnx' if onnx else ''}")
+        if written.stale:
+            console.print(f"[yellow]note:[/] {', '.join(written.stale)} in {out} are from an earlier run "
+                          "(rankslim deletes nothing)")
     except RankslimError as exc:
         _fail(exc)
+    except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow, not bugs
+        raise
+    except Exception as exc:
+        _internal(exc)
 
 
-def _write_outputs(result, out: Path, io, onnx_shape: Optional[tuple[int, ...]] = None) -> None:
-    """Write everything into a temporary sibling directory, then move it into place (never half-written)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        io.save(result.model, tmp / "model.rankslim")
-        result.report.save_json(tmp / "report.json")
-        if onnx_shape is not None:
-            from .export import export_onnx
-            chk = export_onnx(result.model, onnx_shape, tmp / "model.onnx")
-            result.report.metrics["onnx_max_abs_diff"] = chk.max_abs_diff
-            result.report.save_json(tmp / "report.json")
-        (tmp / "report.md").write_text(result.report.to_markdown())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _write_outputs(result, out: Path, io, onnx_shape: Optional[tuple[int, ...]] = None, force: bool = False):
+    """Write model.rankslim, report.json, report.md (and model.onnx) into ``out`` by the rules of
+    :mod:`rankslim.outputs`: each file atomically, nothing replaced unless every file was written."""
+    def onnx(tmp: Path) -> None:
+        from .export import export_onnx
+        chk = export_onnx(result.model, onnx_shape, tmp)
+        result.report.metrics["onnx_max_abs_diff"] = chk.max_abs_diff
+
+    writers = {"model.rankslim": lambda tmp: io.save(result.model, tmp)}
+    if onnx_shape is not None:
+        writers["model.onnx"] = onnx  # before the reports, which record its check
+    writers["report.json"] = lambda tmp: result.report.save_json(tmp)
+    writers["report.md"] = lambda tmp: tmp.write_text(result.report.to_markdown(), encoding="utf-8")
+    return write_outputs(out, writers, force=force)
 
 
 @app.command()
 def inspect(
     model: Optional[str] = typer.Argument(None, help="model spec (default: the bundled reference ResNet)"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="per-sample input shape, e.g. 3,224,224"),
-    out: Path = typer.Option(Path("rankslim-out"), "--out", "-o", help="where to write energy.png"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="directory for energy.png (default: rankslim-out/<model>-inspect)"),
+    force: bool = typer.Option(False, "--force", help="write energy.png into a non-empty directory rankslim did "
+                                                      "not write (nothing else there is touched)"),
 ) -> None:
     """Per-layer table (shape, params, MACs, ranks at 90/99% energy) and a PNG of singular-value energy curves."""
     from .inspect import inspect_model, plot_energy
     from .zoo import resolve_model
 
     try:
-        spec = resolve_model(model or DEFAULT_MODEL, input_shape=_shape(input_shape))
-        info = inspect_model(spec.model, spec.input_shape)
+        model = model or DEFAULT_MODEL
+        out = out if out is not None else default_output_dir(model, "inspect", {}, root=DEFAULT_ROOT)
+        check_output_dir(out, ["energy.png"], force)
+        spec = resolve_model(model, input_shape=_shape(input_shape))
+        info = inspect_model(spec.model, _require_shape(spec))
         from rich.table import Table
         t = Table(title=f"{spec.spec or 'model'} at input {spec.input_shape}")
         for h in ("layer", "type", "weight", "params", "MACs", "full rank", "r@90%", "r@99%"):
@@ -172,11 +236,14 @@ def inspect(
         console.print(f"model: {info.total.params:,} params, {info.total.macs:,} MACs/sample")
         for s in info.skipped:
             console.print(f"[yellow]not compressible[/] {s.name} ({s.type}): {s.reason}")
-        out.mkdir(parents=True, exist_ok=True)
-        png = plot_energy(info, out / "energy.png")
-        console.print(f"[green]wrote[/] {png}")
+        write_outputs(out, {"energy.png": lambda tmp: plot_energy(info, tmp)}, force=force)
+        console.print(f"[green]wrote[/] {out / 'energy.png'}")
     except RankslimError as exc:
         _fail(exc)
+    except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow, not bugs
+        raise
+    except Exception as exc:
+        _internal(exc)
 
 
 @app.command()
