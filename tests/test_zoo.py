@@ -113,6 +113,7 @@ def test_resolve_torchvision_random_and_with_weights(tmp_path):
         resolve_model(f"torchvision:resnet18@{wrong}")
 
 
+@pytest.mark.filterwarnings("ignore::rankslim.zoo.PickleWarning")
 def test_resolve_saved_module_file(tmp_path):
     path = tmp_path / "model.pt"
     model = make_small()
@@ -166,3 +167,79 @@ def test_module_passes_through_and_garbage_is_refused():
         resolve_model("definitely not a model")
     with pytest.raises(ModelSpecError):
         resolve_model(42)  # type: ignore[arg-type]
+
+
+_USER_MODULE = '''
+from torch import nn
+
+
+class MyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def build():
+    return MyCNN()
+'''
+
+
+def test_module_spec_imports_from_the_working_directory(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "rankslim_h2_mycnn.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    # what the `rankslim` console script sees: its own folder on sys.path, not the working directory
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "rankslim_h2_mycnn", raising=False)
+    ms = resolve_model("rankslim_h2_mycnn:build", input_shape=(3, 8, 8))
+    assert type(ms.model).__name__ == "MyCNN" and ms.model.conv.out_channels == 4
+    assert str(tmp_path) not in sys.path  # the working directory is not left on sys.path
+    monkeypatch.delitem(sys.modules, "rankslim_h2_mycnn", raising=False)
+
+
+def test_documented_file_spec_works(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "my_models_h2.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_models_h2", raising=False)
+    ms = resolve_model("my_models_h2.py:build")  # relative to the working directory, as docs/getting-started.md shows
+    assert type(ms.model).__name__ == "MyCNN"
+    assert type(resolve_model(f"{tmp_path / 'my_models_h2.py'}:build").model).__name__ == "MyCNN"  # absolute path
+    with pytest.raises(ModelSpecError, match="does not exist"):
+        resolve_model("no_such_file_h2.py:build")
+    with pytest.raises(ModelSpecError, match="no attribute"):
+        resolve_model("my_models_h2.py:nope")
+    monkeypatch.delitem(sys.modules, "my_models_h2", raising=False)
+
+
+def test_pickled_module_file_warns_once(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(make_small(), path)
+    with pytest.warns(zoo.PickleWarning, match="only open files you trust|Only open files you trust"):
+        resolve_model(str(path))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second open of the same file stays quiet
+        resolve_model(str(path))
+    with warnings.catch_warnings():  # tensors-only kinds never warn
+        warnings.simplefilter("error", zoo.PickleWarning)
+        resolve_model("zoo:lenet5")
+
+
+def test_io_and_zoo_import_each_other_at_module_level_only():
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "rankslim"
+    for name, other in (("zoo.py", "io"), ("io.py", "zoo")):
+        tree = ast.parse((root / name).read_text())
+        nested = [n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and n.level == 1]
+        assert not [n.module for n in nested if n.module in (other, None)], f"{name} imports {other} inside a function"
+    tree = ast.parse((root / "zoo.py").read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and n.level == 1 and (n.module == "io" or any(
+        a.name == "io" for a in n.names)) for n in ast.walk(tree)), "zoo must not import io (io imports zoo)"
