@@ -162,3 +162,52 @@ def test_bad_input():
     t = _targets(model, (2, 8, 8))["0"]
     with pytest.raises(DataError):
         c.stats_for(t, None)
+
+
+def test_compress_calibrates_later_layers_on_compressed_inputs(monkeypatch):
+    """Through compress(): with sequential=True the 2nd target's x-statistics are those of the COMPRESSED model's
+    inputs to it; with sequential=False they are the original model's.  Measured with forward hooks on the
+    original and on the returned model, independently of the Calibrator."""
+    from torch.utils.data import TensorDataset
+
+    import rankslim
+    from rankslim.data import load_dataset
+    from rankslim.zoo import get_zoo_model
+
+    images = load_dataset("fashion-mnist", "test").tensors[0][:40]
+    seen: dict[bool, dict[str, object]] = {}
+    real = Calibrator.stats_for
+
+    def recording(self, target, work_model=None, raw=False):
+        st = real(self, target, work_model, raw)
+        seen.setdefault(self.sequential, {})[target.name] = st
+        return st
+
+    monkeypatch.setattr(Calibrator, "stats_for", recording)  # records, changes nothing
+    results = {}
+    for seq in (True, False):
+        # fc1 -> fc2 -> fc3 at rank 4: fc1's output, the input of fc2, changes visibly
+        results[seq] = rankslim.compress("zoo:lenet5", "zhang", include=["fc*"], ranks=4, sequential=seq,
+                                         data=TensorDataset(images), calib_samples=len(images))
+
+    def gram_of_inputs(model, name):
+        xs = []
+        h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+        with torch.no_grad():
+            model(images)
+        h.remove()
+        X = torch.cat(xs).double()
+        return X.T @ X
+
+    original = get_zoo_model("lenet5")
+    orig_fc2 = gram_of_inputs(original, "fc2")
+    comp_fc2 = gram_of_inputs(results[True].model, "fc2")  # fc2 sees the rank-4 fc1 here
+    assert set(seen) == {True, False} and {"fc1", "fc2", "fc3"} <= set(seen[True])
+    scale = float(orig_fc2.abs().max())
+    assert float((comp_fc2 - orig_fc2).abs().max()) > 1e-2 * scale  # the compression is visible
+    torch.testing.assert_close(seen[True]["fc2"].XX, comp_fc2, rtol=1e-6, atol=1e-6 * scale)
+    torch.testing.assert_close(seen[False]["fc2"].XX, orig_fc2, rtol=1e-6, atol=1e-6 * scale)
+    # the first target has nothing compressed before it: both modes see the original inputs
+    orig_fc1 = gram_of_inputs(original, "fc1")
+    for seq in (True, False):
+        torch.testing.assert_close(seen[seq]["fc1"].XX, orig_fc1, rtol=1e-6, atol=1e-6 * float(orig_fc1.abs().max()))
