@@ -29,7 +29,7 @@ OUR_NAMES = frozenset({"model.rankslim", "report.json", "report.md", "model.onnx
 #: where outputs go when no directory is named
 DEFAULT_ROOT = Path("rankslim-out")
 
-_FORCE_HINT = "force=True, CLI: --force"
+_FORCE_HINT = "--force (force=True in Python)"
 
 
 class OutputDirError(RankslimError):
