@@ -10,7 +10,6 @@ gradient of the same global batch a 1-process run sees.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import math

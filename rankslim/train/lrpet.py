@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import RankError, RankslimError
 from . import distributed as D
-from .loop import LossFn, evaluate, fit, sample_inputs, schedule_factor, training_split
+from .loop import evaluate, fit, sample_inputs, schedule_factor, training_split
 
 STRATEGIES = ("lrpet", "factorized", "early-stop")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
