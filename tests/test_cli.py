@@ -23,12 +23,19 @@ def test_compress_writes_model_and_reports(tmp_path):
     assert r.exit_code == 0, r.output
     assert {p.name for p in out.iterdir()} == {"model.rankslim", "report.json", "report.md", "model.onnx", MARKER}
     rep = json.loads((out / "report.json").read_text())
-    assert rep["fractions"]["params"] <= 0.5
-    assert 0.0 <= rep["metrics"]["accuracy_after"] <= 1.0
     assert "conv2" in r.output and "kept" in r.output
+    from tests._measure import count_params
     from tests.conftest import TinyNet
     loaded = rankslim.load(out / "model.rankslim", model=TinyNet())
     assert rankslim.get_plan(loaded).layers
+    assert count_params(loaded) <= 0.5 * count_params(TinyNet())
+    # the reported accuracy is the saved model's, re-measured here on the same 200 test images
+    import torch
+    from rankslim.data import load_dataset
+    x, y = load_dataset("digits", "test").tensors
+    with torch.no_grad():
+        acc = int((loaded.eval()(x[:200]).argmax(1) == y[:200]).sum()) / 200
+    assert rep["metrics"]["accuracy_after"] == pytest.approx(acc, abs=1e-9)
 
 
 def test_zoo_model_reports_accuracy_before_and_after(tmp_path):
