@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from rankslim import zoo
-from rankslim.data import evaluate_accuracy, load_dataset
+from rankslim.data import load_dataset
 from rankslim.errors import ModelSpecError
 from rankslim.zoo import CHECKPOINT_DIR, ZOO, ModelSpec, get_zoo_model, lenet5, resnet20, resolve_model
 
@@ -54,9 +54,15 @@ def test_pretrained_checkpoint_accuracy(name):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == record["checkpoint_sha256"]
     model = get_zoo_model(name)
     assert not model.training
-    acc = evaluate_accuracy(model, load_dataset("fashion-mnist", "test"), max_samples=1000)
-    assert acc >= 0.85
-    assert record["final_test_accuracy"] >= 0.88
+    # the recorded value is over the 10,000 test images; ResNet-20 is measured on the first 1,000 only
+    # (the full set takes ~40 s on one core; on that fixed subset it scores 91.90% vs 91.93% recorded)
+    n = 10_000 if name == "lenet5" else 1_000
+    x, y = load_dataset("fashion-mnist", "test").tensors
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:min(i + 500, n)]).argmax(1) for i in range(0, n, 500)])
+    acc = int((pred == y[:n]).sum()) / n
+    assert record["test_samples"] == 10_000
+    assert abs(acc - record["final_test_accuracy"]) <= 0.01, (acc, record["final_test_accuracy"])
 
 
 def test_docs_table_matches_recorded_accuracy():
