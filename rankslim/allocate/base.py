@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -50,7 +50,9 @@ class LayerOption:
     """What an allocator knows about one target layer.
 
     ``cost_fn(r)`` is the factorized cost at knob ``r`` in ``[1, max_rank]``; ``dense`` the cost of
-    leaving the layer alone; ``sigma`` the descending spectrum (length ``max_rank``).
+    leaving the layer alone; ``sigma`` the descending spectrum (length ``max_rank``) — for data-aware
+    methods the spectrum of the problem they solve (see :meth:`rankslim.methods.Method.data_spectrum`);
+    ``min_rank``: no allocation goes below it (an output head keeps at least as many ranks as classes).
     """
 
     name: str
@@ -59,6 +61,7 @@ class LayerOption:
     cost_fn: Callable[[int], Cost]
     sigma: torch.Tensor
     method: str = "svd"
+    min_rank: int = 1
 
 
 @dataclass
@@ -87,9 +90,9 @@ class CostTable:
         return {lo.name: lo for lo in self.layers}
 
     def rounded(self, lo: LayerOption, r: int) -> int:
-        """``r`` rounded up to a multiple of ``round_to`` and clipped to ``[1, max_rank]``."""
+        """``r`` rounded up to a multiple of ``round_to`` and clipped to ``[min_rank, max_rank]``."""
         k = self.round_to
-        r = int(math.ceil(max(r, 1) / k) * k)
+        r = int(math.ceil(max(r, lo.min_rank, 1) / k) * k)
         return max(1, min(r, lo.max_rank))
 
     def worth_it(self, lo: LayerOption, r: int) -> bool:
@@ -150,14 +153,15 @@ class AllocationContext:
     """What model-aware allocators (COBLA, Bayesian or sensitivity search) may use besides the table.
 
     ``model``: the uncompressed working copy (do not modify it); ``targets``: the target layers in
-    forward order; ``methods``: target name -> method name; ``batches``: calibration inputs (may
+    forward order; ``methods``: target name -> configured :class:`~rankslim.methods.Method` (allocators
+    use its capabilities: ``maskable``/``matricize``, ``spectrum_shape``, ``evbmf_knob``); ``batches``: calibration inputs (may
     be empty); ``eval_fn``: optional user callback ``eval_fn(model) -> float`` (higher is better);
     ``build``: ``build(ranks) -> nn.Module`` returns a compressed copy for candidate ranks.
     """
 
     model: "torch.nn.Module"
     targets: list
-    methods: dict[str, str]
+    methods: dict[str, Any]
     batches: list[torch.Tensor]
     input_shape: tuple[int, ...]
     seed: int = 0
@@ -174,8 +178,8 @@ class Allocation(dict):
     * ``scales``: ``{name: (max_rank,) float64 tensor}`` — per-singular-value factors of a layer's
       spectrum (COBLA's ``P_j <- m_hat_j P_j``; zero outside the kept set ``S_sigma``).  A layer with
       scales must be decomposed from ``unmatricize(U diag(scales * sigma) V^T)`` instead of its own
-      weight; :func:`rankslim.allocate.masked.apply_allocation_weights` does that (rank exactly
-      ``ranks[name]``, so the method's truncated SVD at that rank reproduces it exactly).
+      weight; the build stage passes :func:`rankslim.allocate.masked.scaled_weight` to the method
+      (rank exactly ``ranks[name]``, so the method's truncated SVD at that rank reproduces it exactly).
     * ``info``: JSON-able diagnostics (solver time, iterations, objective values, what a
       budget-free rule yields, ...).
     """

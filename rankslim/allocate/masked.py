@@ -20,47 +20,24 @@ rank search cheap (one SVD per layer, no rebuild per candidate).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import BudgetError
 
-#: method name -> (matricize(W) -> M, unmatricize(M, weight_shape) -> W)
-Scheme = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Size], torch.Tensor]]
+def require_maskable(methods: Mapping[str, Any], allocator: str) -> None:
+    """Raise :class:`BudgetError` unless every target's method masks the spectrum of one matricization.
 
-
-def _svd_mat(W: torch.Tensor) -> torch.Tensor:
-    return W.reshape(W.shape[0], -1)
-
-
-def _svd_unmat(M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return M.reshape(shape)
-
-
-def _spatial_mat(W: torch.Tensor) -> torch.Tensor:
-    from ..decompose.spatial import spatial_matrix
-    return spatial_matrix(W)
-
-
-def _spatial_unmat(M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    # inverse of spatial_matrix: (C kh, N kw) -> (C, kh, N, kw) -> (N, C, kh, kw)
-    N, C, kh, kw = shape
-    return M.reshape(C, kh, N, kw).permute(2, 0, 1, 3)
-
-
-SCHEMES: dict[str, Scheme] = {"svd": (_svd_mat, _svd_unmat), "spatial": (_spatial_mat, _spatial_unmat)}
-
-
-def require_maskable(methods: Mapping[str, str], allocator: str) -> None:
-    """Raise :class:`BudgetError` unless every target's method is a singular-value-masking scheme."""
-    bad = sorted({m for m in methods.values() if m not in SCHEMES})
+    ``methods``: target name -> configured :class:`~rankslim.methods.Method` (its ``maskable`` capability).
+    """
+    bad = sorted({m.name for m in methods.values() if not m.maskable})
     if bad:
         raise BudgetError(
             f"the {allocator} allocator masks the singular values of one matricization of each weight "
-            f"(COBLA eqs. 3-4), which only the methods {sorted(SCHEMES)} are; got {bad}. Use one of those "
-            "methods (methods={glob: 'svd'} for the others) or a spectrum-only allocator (cptv, pos-greedy, pos-cvx)")
+            f"(COBLA eqs. 3-4), which methods {bad} do not have. Use a spectrum-masking method such as svd or "
+            "spatial (methods={glob: 'svd'} for the others) or a spectrum-only allocator (cptv, pos-greedy, pos-cvx)")
 
 
 @dataclass
@@ -68,11 +45,11 @@ class LayerSpectrum:
     """SVD of one target's matricized weight: ``M = U diag(sigma) V^T``.
 
     ``U: (a, k)``, ``sigma: (k,)`` descending, ``V: (b, k)`` (float32, for the forward pass),
-    ``shape``: the weight's shape, ``method``: the scheme name.
+    ``shape``: the weight's shape, ``method``: the configured method whose matricization this is.
     """
 
     name: str
-    method: str
+    method: Any
     shape: torch.Size
     U: torch.Tensor
     sigma: torch.Tensor
@@ -85,13 +62,12 @@ class LayerSpectrum:
     def weight(self, scale: torch.Tensor) -> torch.Tensor:
         """``unmat(U diag(scale * sigma) V^T)`` for ``scale: (k,)`` (differentiable in ``scale``)."""
         M = (self.U * (scale.to(self.U.dtype) * self.sigma)) @ self.V.T
-        return SCHEMES[self.method][1](M, self.shape)
+        return self.method.unmatricize(M, self.shape)
 
 
-def layer_spectrum(name: str, weight: torch.Tensor, method: str) -> LayerSpectrum:
-    """SVD (float64, stored float32) of ``weight`` matricized as ``method`` prescribes."""
-    mat, _ = SCHEMES[method]
-    M = mat(weight.detach().to(torch.float64))
+def layer_spectrum(name: str, weight: torch.Tensor, method: Any) -> LayerSpectrum:
+    """SVD (float64, stored float32) of ``weight`` matricized as ``method.matricize`` prescribes."""
+    M = method.matricize(weight.detach().to(torch.float64))
     U, s, Vh = torch.linalg.svd(M, full_matrices=False)
     return LayerSpectrum(name, method, weight.shape, U.float().contiguous(), s.float(), Vh.T.float().contiguous())
 
@@ -107,10 +83,10 @@ class SpectralNet:
     """``model`` with each target weight a function of a per-singular-value scale vector.
 
     ``targets``: :class:`rankslim.surgery.Target` objects of ``model``; ``methods``: target name
-    -> scheme ("svd" or "spatial").  The model is run in eval mode (BatchNorm running statistics).
+    -> configured spectrum-masking method.  The model is run in eval mode (BatchNorm running statistics).
     """
 
-    def __init__(self, model: nn.Module, targets: Sequence, methods: Mapping[str, str]) -> None:
+    def __init__(self, model: nn.Module, targets: Sequence, methods: Mapping[str, Any]) -> None:
         require_maskable({t.name: methods[t.name] for t in targets}, "masked-spectrum")
         self.model = model
         self.layers = [layer_spectrum(t.name, t.module.weight, methods[t.name]) for t in targets]
@@ -150,35 +126,20 @@ def reference_logits(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[
         model.train(was)
 
 
-@torch.no_grad()
-def apply_allocation_weights(targets: Sequence, methods: Mapping[str, str], allocation: Mapping) -> list[str]:
-    """Give every target named in ``allocation.scales`` the weight ``unmat(U diag(scales * sigma) V^T)``.
+def scaled_weight(weight: torch.Tensor, scale: torch.Tensor, method: Any) -> torch.Tensor:
+    """``unmat(U diag(scale * sigma) V^T)``: ``weight`` with its spectrum rescaled (same shape and dtype).
 
-    This is how COBLA's singular-value scaling (``P_j <- m_hat_j P_j``, zero outside ``S_sigma``)
-    reaches the decomposition: the new weight has rank ``allocation[name]``, so the method's
-    truncated SVD at that rank reproduces it exactly.  Modifies the target modules in place (call
-    it on the working copy, after allocation and before decomposition); returns the layer names
-    changed.  A plain rank dict (no ``scales``) is a no-op.
+    How COBLA's singular-value scaling (``P_j <- m_hat_j P_j``, zero outside ``S_sigma``) reaches the
+    decomposition: the build stage hands this weight to the method (``DecomposeContext.weight``); it
+    has rank ``count_nonzero(scale)``, so the method's truncated SVD at that rank reproduces it exactly.
+    ``scale: (min(M.shape),)`` for the matricization ``M = method.matricize(weight)``.
     """
-    scales = getattr(allocation, "scales", None) or {}
-    done = []
-    for t in targets:
-        s = scales.get(t.name)
-        if s is None or allocation.get(t.name) is None:
-            continue
-        method = methods[t.name]
-        if method not in SCHEMES:
-            raise BudgetError(f"layer {t.name!r}: singular-value scales need the svd or spatial method, got {method!r}")
-        w = t.module.weight
-        mat, unmat = SCHEMES[method]
-        M = mat(w.detach().to(torch.float64))
-        if s.numel() != min(M.shape):
-            raise BudgetError(f"layer {t.name!r}: {s.numel()} scales for {min(M.shape)} singular values")
-        U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
-        w.copy_(unmat((U * (s.to(torch.float64) * sig)) @ Vh, w.shape).to(w.dtype))
-        done.append(t.name)
-    return done
+    M = method.matricize(weight.detach().to(torch.float64))
+    if scale.numel() != min(M.shape):
+        raise BudgetError(f"{scale.numel()} singular-value scales for a weight with {min(M.shape)} singular values")
+    U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
+    return method.unmatricize((U * (scale.to(torch.float64) * sig)) @ Vh, weight.shape).to(weight.dtype)
 
 
-__all__ = ["SCHEMES", "LayerSpectrum", "SpectralNet", "apply_allocation_weights", "layer_spectrum",
+__all__ = ["LayerSpectrum", "SpectralNet", "scaled_weight", "layer_spectrum",
            "prefix_mask", "reference_logits", "require_maskable"]

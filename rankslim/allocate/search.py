@@ -33,7 +33,7 @@ import torch
 from ..errors import BudgetError
 from .base import (Allocation, AllocationContext, Budget, CostTable, Ranks, budget_fractions,
                    project_to_budget)
-from .masked import SCHEMES, SpectralNet, reference_logits
+from .masked import SpectralNet, reference_logits
 
 Scorer = Callable[[Ranks], float]
 
@@ -52,7 +52,7 @@ def make_scorer(context: AllocationContext, batches: Sequence[torch.Tensor] | No
     if not batches:
         raise BudgetError("search allocators need calibration data (data=...) or an eval_fn to score candidates")
     ref = torch.cat([z.argmax(1) for z in reference_logits(context.model, batches)])
-    if all(m in SCHEMES for m in context.methods.values()):
+    if all(m.maskable for m in context.methods.values()):
         net = SpectralNet(context.model, context.targets, context.methods)
         return (lambda ranks: float((net.predict(batches, ranks) == ref).float().mean())), 1.0, "agreement"
     if context.build is None:

@@ -44,15 +44,13 @@ def gavish_donoho_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((s > tau).sum())
 
 
-def _matrix_shape(target, method: str) -> tuple[int, int]:
-    """Shape of the matrix whose spectrum the method truncates (svd: im2col, spatial: Tai's rearrangement)."""
-    if method == "svd":
-        return target.matrix_shape
-    if method == "spatial":
-        N, C, kh, kw = target.module.weight.shape
-        return (C * kh, N * kw)
-    raise BudgetError(f"the gavish-donoho allocator thresholds the singular values of one matrix per layer, which "
-                      f"the methods 'svd' and 'spatial' have; layer {target.name!r} uses {method!r}")
+def _matrix_shape(target, method) -> tuple[int, int]:
+    """Shape of the matrix whose spectrum ``method`` truncates (its ``spectrum_shape`` capability)."""
+    shape = method.spectrum_shape(target)
+    if shape is None:
+        raise BudgetError(f"the gavish-donoho allocator thresholds the singular values of one matrix per layer; "
+                          f"method {method.name!r} of layer {target.name!r} has no such matrix (use svd or spatial)")
+    return shape
 
 
 def _check(table: CostTable, budget: Budget, ranks: Ranks, rule: str, raw: dict[str, int]) -> Allocation:
@@ -69,13 +67,12 @@ def _check(table: CostTable, budget: Budget, ranks: Ranks, rule: str, raw: dict[
 def vbmf_allocate(table: CostTable, budget: Budget, *, context: AllocationContext) -> Allocation:
     """R-VBMF: the EVBMF rank of every layer (clipped to ``[1, max_rank]``), budget only checked."""
     from ..decompose.evbmf import evbmf
-    from ..methods import get_method
     by_name = table.by_name()
     ranks: Ranks = {}
     raw: dict[str, int] = {}
     for t in context.targets:
         lo = by_name[t.name]
-        m = get_method(context.methods[t.name])
+        m = context.methods[t.name]
         rule = getattr(m, "evbmf_knob", None)
         r = int(rule(t)) if rule is not None else int(evbmf(t.matrix).rank)
         raw[t.name] = r

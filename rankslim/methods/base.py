@@ -8,14 +8,16 @@ and record the result in the JSON-able ``info`` dict that :meth:`Method.structur
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from ..cost import Cost
 from ..errors import RankslimError
+from ..options import Opt, describe, validate
 from ..surgery import Target
 
 
@@ -25,22 +27,70 @@ class DecomposeContext:
 
     ``stats``: calibration statistics of this target (or ``None`` when data-free);
     ``generator``: seeded RNG for randomized algorithms; ``solver``: SVD solver choice;
-    ``options``: method-specific options passed through ``compress(**method_options)``.
+    ``options``: the method's validated options (every declared option, defaults filled in);
+    ``weight``: when set, the weight to decompose instead of ``target.module.weight`` (same shape;
+    an allocator's singular-value scales, COBLA's ``m_hat * P``, arrive this way).
     """
 
     generator: torch.Generator
     solver: str = "auto"
     stats: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    weight: torch.Tensor | None = None
 
 
 class Method:
-    """Base class of decomposition methods; subclasses register with :func:`register`."""
+    """Base class of decomposition methods; subclasses register with :func:`register`.
+
+    An instance carries its validated options (``self.config``); :meth:`configure` returns a configured
+    copy, so one call's options never leak into another's and :meth:`cost` can depend on them.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     #: True when :meth:`decompose` needs calibration statistics (``ctx.stats``)
     needs_data: ClassVar[bool] = False
+    #: True when it also needs raw calibration columns (``ctx.stats.X``, ``ctx.stats.Y``)
+    needs_raw: ClassVar[bool] = False
+    #: the options :meth:`configure` accepts
+    options: ClassVar[tuple[Opt, ...]] = ()
+
+    def __init__(self) -> None:
+        self.config: dict[str, Any] = validate(self.options, None, f"method {self.name!r}")
+
+    def configure(self, options: Mapping[str, Any] | None = None) -> "Method":
+        """A copy of this method with ``options`` validated (:class:`~rankslim.errors.OptionError` if not)."""
+        m = copy.copy(self)
+        m.config = validate(self.options, options, f"method {self.name!r}")
+        return m
+
+    @classmethod
+    def option_help(cls) -> list[str]:
+        """One line per declared option (name, type, default, help)."""
+        return describe(cls.options)
+
+    # ---- capabilities allocators may use (never method names) ------------------------------------
+
+    def matricize(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The matrix whose singular values this method truncates exactly, or ``None`` when it has none.
+
+        Methods that return a matrix here are *spectrum-masking*: keeping the first ``r`` singular
+        triplets of that matrix is exactly the layer they build at knob ``r`` (COBLA's eqs. 3-4).
+        """
+        return None
+
+    def unmatricize(self, M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`matricize`: the weight of ``shape`` whose matricization is ``M``."""
+        raise NotImplementedError(f"method {self.name!r} has no matricization")
+
+    @property
+    def maskable(self) -> bool:
+        """True when :meth:`matricize` is defined (checked on a tiny weight, no model needed)."""
+        return type(self).matricize is not Method.matricize
+
+    def spectrum_shape(self, target: Target) -> tuple[int, int] | None:
+        """Shape of the matrix :meth:`spectrum` takes singular values of (``None``: not a matrix spectrum)."""
+        return target.matrix_shape if self.maskable else None
 
     def supports(self, target: Target) -> str | None:
         """``None`` when the method can decompose ``target``, otherwise the reason it cannot."""
@@ -59,6 +109,22 @@ class Method:
         from ..decompose.svd import singular_values
         return singular_values(target.matrix)
 
+    def data_spectrum(self, target: Target, stats: Any) -> torch.Tensor:
+        """The spectrum of the problem a data-aware method solves, from calibration ``stats``.
+
+        Default: singular values of ``W (XXᵀ/n)^{1/2}`` — truncating it at ``r`` loses exactly
+        ``Σ_{i>r} σ_i²`` of output energy ``‖(W − Ŵ)X‖²/n`` (the whitened problem of Zhang et al.,
+        GreBdec eq. 3).  Data-free methods ignore ``stats`` (their :meth:`spectrum`).
+        """
+        if not self.needs_data or stats is None:
+            return self.spectrum(target)
+        from ..decompose.svd import singular_values
+        from ..decompose.zhang import sqrt_and_inv_sqrt
+        C = stats.XX / max(int(stats.n), 1)
+        root, _ = sqrt_and_inv_sqrt(C, 1e-10)
+        W = target.matrix.to(torch.float64)
+        return singular_values(W @ root.to(W))
+
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         """The replacement module for ``target`` at knob ``rank`` and its JSON-able ``info``."""
         raise NotImplementedError
@@ -66,6 +132,19 @@ class Method:
     def structure(self, module: nn.Module, info: dict) -> nn.Module:
         """An uninitialised replacement for ``module`` shaped as ``info`` says (used to reload)."""
         raise NotImplementedError
+
+
+def ctx_weight(target: Target, ctx: "DecomposeContext | None") -> torch.Tensor:
+    """The weight to decompose: ``ctx.weight`` when an allocator replaced it, else the target's own (detached)."""
+    if ctx is not None and ctx.weight is not None:
+        return ctx.weight
+    return target.module.weight.detach()
+
+
+def ctx_matrix(target: Target, ctx: "DecomposeContext | None") -> torch.Tensor:
+    """:func:`ctx_weight` in the target's matrix view ``(out, in·kh·kw)``."""
+    w = ctx_weight(target, ctx)
+    return w.reshape(w.shape[0], -1)
 
 
 METHODS: dict[str, Method] = {}
@@ -77,9 +156,13 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str) -> Method:
-    """The registered method called ``name``; a clear error listing the choices otherwise."""
+def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
+    """The registered method called ``name`` (configured with ``options`` when given); a clear error otherwise."""
     try:
-        return METHODS[name]
+        m = METHODS[name]
     except KeyError:
-        raise RankslimError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+        import difflib
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RankslimError(f"unknown method {name!r}{hint}; available: {', '.join(sorted(METHODS))}") from None
+    return m.configure(options) if options is not None else m

@@ -18,6 +18,7 @@ from ..cost import Cost
 from ..decompose.cp import DEFAULT_MAX_BYTES, cp_als
 from ..errors import RankError
 from ..layers.cp import CPConv2d
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .spatial import conv_geometry, separable_kernel_support
@@ -38,6 +39,10 @@ class CPMethod(Method):
     """Rank-R CP of the 4-way kernel by ALS, executed as pointwise / depthwise / depthwise / pointwise convs."""
 
     name = "cp"
+    options = (Opt("n_iter", int_, 100, "CP-ALS sweeps"),
+               Opt("tol", float_, 1e-7, "stop when the relative error moves less than this"),
+               Opt("init", one_of("svd", "random"), "svd", "initial factors"),
+               Opt("max_bytes", int_, DEFAULT_MAX_BYTES, "memory guard: refuse a larger ALS working set"))
     description = "CP decomposition (Lebedev et al. 2015) by CP-ALS: 1x1, kx1 dw, 1xk dw, 1x1"
 
     def supports(self, target: Target) -> str | None:

@@ -35,6 +35,7 @@ from ..cost import Cost
 from ..decompose.ddlr import DDLR_SOLVERS, ddlr, elbow_rank
 from ..decompose.svd import truncated_svd
 from ..errors import DataError, RankError, RankslimError
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .svd import build_lowrank, lowrank_cost
@@ -80,6 +81,12 @@ class DDLRMethod(Method):
     """Problem (4) of the DDLR paper, truncated to the knob rank (or the elbow rank)."""
 
     name = "ddlr"
+    options = (Opt("eps", float_, 0.05, "relative tolerance c of eps_l = c * ||Y_{l-1}||_F"),
+               Opt("rank_rule", one_of(*RANK_RULES), "knob", "knob: build the allocated rank; elbow: min(rank, elbow)"),
+               Opt("activation", any_, None, "relu | linear | {glob: activation} (default relu)"),
+               Opt("ddlr_solver", one_of(*DDLR_SOLVERS), "auto", "cvxpy (SCS), admm (ours) or auto by size"),
+               Opt("ddlr_max_iter", optional(int_), None, "solver iterations (none: the solver's default)"),
+               Opt("ddlr_tol", optional(float_), None, "solver tolerance (none: the solver's default)"))
     description = "data-driven low rank: min ||U||_* s.t. ReLU-masked output error <= eps (Papadimitriou & Jain)"
     needs_data = True
     needs_raw = True
@@ -106,9 +113,9 @@ class DDLRMethod(Method):
         W = target.matrix.to(torch.float64).cpu()
         b = target.module.bias.detach().to(torch.float64).cpu() if target.has_bias else None
         kw: dict[str, Any] = {}
-        if "ddlr_max_iter" in opts:
+        if opts.get("ddlr_max_iter") is not None:
             kw["max_iter"] = int(opts["ddlr_max_iter"])
-        if "ddlr_tol" in opts:
+        if opts.get("ddlr_tol") is not None:
             kw["tol"] = float(opts["ddlr_tol"])
         try:
             res = ddlr(X, Y, b, eps, W=W, solver=solver, activation=act, **kw)

@@ -24,6 +24,7 @@ from ..cost import Cost
 from ..decompose.godec import godec
 from ..decompose.prune import magnitude_prune
 from ..layers.sparse import SPARSE_NOTE, build_lowrank_sparse
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 
@@ -59,6 +60,9 @@ class GoDecMethod(Method):
     """``min ‖W − L − S‖_F`` s.t. ``rank(L) ≤ r_L``, ``card(S) ≤ c`` by GoDec (BRP low-rank step)."""
 
     name = "godec"
+    options = (Opt("godec_iters", int_, 100, "GoDec alternations"),
+               Opt("power", int_, 2, "power iterations of the bilateral random projections"),
+               Opt("exact", bool_, False, "exact truncated SVD instead of bilateral random projections"))
     description = "data-free low rank + sparse (GoDec: bilateral random projections + hard thresholding)"
     sparse_share: ClassVar[float] = 0.5
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..cost import Cost
 from ..decompose.grebdec import grebdec
 from ..layers.sparse import SPARSE_NOTE, build_lowrank_sparse
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .godec import ls_cost, ls_layer, ls_split
@@ -39,6 +40,17 @@ class GreBdecMethod(Method):
     """``min 1/(2n)‖Y − (UV + S)X‖² + λ/2‖W − UV − S‖²``, ``card(S) ≤ c`` by greedy bilateral decomposition."""
 
     name = "grebdec"
+    options = (Opt("t", float_, -2.0, "lambda = 10^t * sigma_max(XX^T/n)"),
+               Opt("eta", either(float_, "auto"), 1e-3, "S step (capped at 1/sigma_max(A); auto = 1/sigma_max(A))"),
+               Opt("K", int_, 2, "QR updates are repeated K+1 times"),
+               Opt("delta_r", optional(int_), None, "rank step of the greedy growth (none: ceil(r_L/8))"),
+               Opt("max_iter", int_, 30, "outer iterations"),
+               Opt("tol", float_, 1e-5, "relative objective change that stops the iterations"),
+               Opt("bias_correction", bool_, False, "shift the bias to remove the mean output error"),
+               Opt("iht_eta", optional(either(float_, "auto")), None,
+                   "IHT step on sparse-only (1x1) layers (none/auto: 1/sigma_max(A))"),
+               Opt("iht_iters", int_, 100, "IHT iterations on sparse-only (1x1) layers"),
+               Opt("refit", bool_, True, "least squares on the final support (sparse-only layers)"))
     description = "data-aware low rank + sparse (GreBdec, Algorithm 1); 1x1 convs sparse-only (model 2)"
     needs_data = True
     sparse_share: ClassVar[float] = 0.5
@@ -48,6 +60,13 @@ class GreBdecMethod(Method):
     def sparse_only(self, target: Target) -> bool:
         return self.pointwise_model == "sparse" and is_pointwise(target)
 
+    @staticmethod
+    def _iht_options(ctx: DecomposeContext) -> dict:
+        """The ``prune-data`` options for the sparse-only layers, from grebdec's own ``iht_*`` ones."""
+        o = ctx.options
+        return {"t": o.get("t", -2.0), "eta": o.get("iht_eta"), "iht_iters": o.get("iht_iters", 100),
+                "refit": o.get("refit", True), "bias_correction": o.get("bias_correction", False)}
+
     def cost(self, target: Target, rank: int) -> Cost:
         if self.sparse_only(target):
             return sparse_cost(target, sparse_card(target, rank))
@@ -55,11 +74,11 @@ class GreBdecMethod(Method):
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         if self.sparse_only(target):
-            layer, info = data_prune(target, sparse_card(target, rank), rank, ctx)
+            layer, info = data_prune(target, sparse_card(target, rank), rank, ctx, self._iht_options(ctx))
             return layer, {**info, "model": "sparse (1x1 conv, model 2)"}
         r_l, c = ls_split(target, rank, self.sparse_share)
         if r_l == 0:
-            layer, info = data_prune(target, c, rank, ctx)
+            layer, info = data_prune(target, c, rank, ctx, self._iht_options(ctx))
             return layer, {**info, "model": "sparse (knob too small for a low-rank part)"}
         st, o = require_stats(ctx, self.name, target), ctx.options
         res = grebdec(target.matrix, st.XX, st.YX, st.n, r_l, c, yy=st.yy, t=float(o.get("t", -2.0)),

@@ -19,6 +19,7 @@ from ..cost import Cost
 from ..errors import RankslimError
 from ..decompose.prune import iht_prune, magnitude_prune
 from ..layers.sparse import SPARSE_NOTE, build_sparse
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 
@@ -65,6 +66,20 @@ def sparse_layer(target: Target, S: torch.Tensor, mask: torch.Tensor, bias: torc
     return layer.set_sparse(S, mask, bias)
 
 
+def knob_importance(target: Target, importance: torch.Tensor) -> torch.Tensor:
+    """Per-knob importance of a sparse method: ``sqrt`` of the importance the knob's extra non-zeros buy.
+
+    ``importance: (m·k,)`` per weight (e.g. ``w²``).  Knob ``r`` keeps the ``sparse_card(r)`` most
+    important weights, so the cumulative squared values of the result are exactly the importance kept
+    at each knob — what energy-based allocators (CPTV) compare across layers.  Length ``max_rank``.
+    """
+    imp = importance.to(torch.float64).flatten().sort(descending=True).values
+    csum = torch.cat([imp.new_zeros(1), imp.cumsum(0)])
+    cards = torch.tensor([sparse_card(target, r) for r in range(0, target.full_rank + 1)])
+    gains = (csum[cards[1:]] - csum[cards[:-1]]).clamp_min(0)
+    return gains.sqrt()
+
+
 @register
 class PruneMethod(Method):
     """Magnitude pruning: keep the ``c`` largest ``|W_ij|`` (Han et al. 2015, threshold as a cardinality)."""
@@ -74,6 +89,10 @@ class PruneMethod(Method):
 
     def cost(self, target: Target, rank: int) -> Cost:
         return sparse_cost(target, sparse_card(target, rank))
+
+    def spectrum(self, target: Target) -> torch.Tensor:
+        # magnitude pruning keeps the largest |w|: its own importance, not the singular values
+        return knob_importance(target, target.matrix.to(torch.float64) ** 2)
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         c = sparse_card(target, rank)
@@ -92,16 +111,32 @@ class DataPruneMethod(PruneMethod):
     """GreBdec model (2): ``min 1/(2n)‖Y − SX‖² + λ/2‖W − S‖²``, ``card(S) ≤ c``, by IHT + support refit."""
 
     name = "prune-data"
+    options = (Opt("t", float_, -2.0, "lambda = 10^t * sigma_max(XX^T/n)"),
+               Opt("eta", optional(either(float_, "auto")), None, "IHT step (none/auto: 1/sigma_max(A))"),
+               Opt("iht_iters", int_, 100, "IHT iterations"),
+               Opt("refit", bool_, True, "least squares on the final support"),
+               Opt("bias_correction", bool_, False, "shift the bias to remove the mean output error"))
     description = "data-aware pruning: IHT on the output reconstruction (GreBdec model 2) + least-squares refit"
     needs_data = True
+
+    def data_spectrum(self, target: Target, stats: Any) -> torch.Tensor:
+        """Output-energy importance ``w_ij² · (XXᵀ/n)_jj`` (the diagonal of the data term's curvature)."""
+        if stats is None:
+            return self.spectrum(target)
+        diag = torch.diagonal(stats.XX).to(torch.float64) / max(int(stats.n), 1)
+        return knob_importance(target, target.matrix.to(torch.float64) ** 2 * diag[None, :])
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         return data_prune(target, sparse_card(target, rank), rank, ctx)
 
 
-def data_prune(target: Target, card: int, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
-    """Build the data-aware sparse-only layer (shared by ``prune-data`` and ``grebdec`` on 1×1 convs)."""
-    st, o = require_stats(ctx, "prune-data", target), ctx.options
+def data_prune(target: Target, card: int, rank: int, ctx: DecomposeContext,
+               options: dict | None = None) -> tuple[nn.Module, dict]:
+    """Build the data-aware sparse-only layer (shared by ``prune-data`` and ``grebdec`` on 1×1 convs).
+
+    ``options``: the ``prune-data`` options (default ``ctx.options``; ``grebdec`` passes its own ``iht_*`` ones).
+    """
+    st, o = require_stats(ctx, "prune-data", target), (ctx.options if options is None else options)
     res = iht_prune(target.matrix, st.XX, st.YX, st.n, card, yy=st.yy, t=o.get("t", -2.0),
                     eta=None if o.get("eta") in (None, "auto") else float(o["eta"]),
                     iters=int(o.get("iht_iters", 100)), refit=bool(o.get("refit", True)), generator=ctx.generator)

@@ -44,6 +44,7 @@ from ..decompose.relu_admm import relu_admm
 from ..decompose.svd import truncated_svd
 from ..errors import RankError, RankslimError
 from ..layers.sparse import build_lowrank_sparse
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .ddlr import activation_for, conv_reason, raw_columns
@@ -76,6 +77,13 @@ class ReluAdmmMethod(Method):
     """Low-rank B (+ column-sparse A) fitted to the ReLU response by ADMM."""
 
     name = "relu_admm"
+    options = (Opt("lam_rank", float_, 0.005, "SVT threshold of the B-step is lam_rank * sigma_1(W)"),
+               Opt("lam_sparse", float_, 0.1, "column-shrinkage threshold is lam_sparse * max column norm of W"),
+               Opt("a_columns", optional(any_), None, "non-zero columns of A: fraction (<1) or count (default 0.05)"),
+               Opt("activation", any_, None, "relu | linear | {glob: activation} (default relu)"),
+               Opt("admm_max_iter", int_, 300, "ADMM iterations"),
+               Opt("admm_tol", float_, 1e-5, "ADMM tolerance"),
+               Opt("mm_steps", int_, 3, "majorize-minimize steps per ADMM iteration"))
     description = "low-rank + column-sparse fit of the ReLU response by ADMM (lecture's unified framework)"
     needs_data = True
     needs_raw = True

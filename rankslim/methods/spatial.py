@@ -10,7 +10,7 @@ from ..decompose.spatial import spatial_matrix, spatial_max_rank, spatial_separa
 from ..errors import UnsupportedLayerError
 from ..layers.spatial import SpatialConv2d, split_padding
 from ..surgery import Target
-from .base import DecomposeContext, Method, register
+from .base import DecomposeContext, Method, ctx_weight, register
 
 
 def conv_geometry(target: Target) -> tuple[int, int, int, int, int, int, int, int]:
@@ -71,12 +71,24 @@ class SpatialMethod(Method):
         # Eckart-Young on the rearranged kernel: the squared tail is exactly the kernel error
         return spatial_singular_values(target.module.weight)
 
+    def matricize(self, weight: torch.Tensor) -> torch.Tensor:
+        return spatial_matrix(weight)
+
+    def unmatricize(self, M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        # inverse of spatial_matrix: (C kh, N kw) -> (C, kh, N, kw) -> (N, C, kh, kw)
+        N, C, kh, kw = shape
+        return M.reshape(C, kh, N, kw).permute(2, 0, 1, 3)
+
+    def spectrum_shape(self, target: Target) -> tuple[int, int]:
+        N, C, kh, kw = target.module.weight.shape
+        return (C * kh, N * kw)
+
     def evbmf_knob(self, target: Target) -> int:
         """EVBMF rank of the rearranged kernel (at least 1): a budget-free rank choice."""
         return max(1, evbmf(spatial_matrix(target.module.weight.detach())).rank)
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
-        W = target.module.weight.detach()
+        W = ctx_weight(target, ctx)
         f = spatial_separation(W, rank)
         s = spatial_singular_values(W)
         rel = float(s[rank:].norm() / (s.norm() or 1.0))

@@ -8,7 +8,9 @@ from ..decompose.svd import truncated_svd
 from ..errors import RankError
 from ..layers.lowrank import LowRankConv2d, LowRankLinear
 from ..surgery import Target
-from .base import DecomposeContext, Method, register
+import torch
+
+from .base import DecomposeContext, Method, ctx_matrix, register
 
 
 def lowrank_cost(target: Target, rank: int) -> Cost:
@@ -37,8 +39,14 @@ class SVDMethod(Method):
     def cost(self, target: Target, rank: int) -> Cost:
         return lowrank_cost(target, rank)
 
+    def matricize(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def unmatricize(self, M: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return M.reshape(shape)
+
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
-        f = truncated_svd(target.matrix, rank, solver=ctx.solver, generator=ctx.generator)
+        f = truncated_svd(ctx_matrix(target, ctx), rank, solver=ctx.solver, generator=ctx.generator)
         bias = target.module.bias.detach() if target.has_bias else None
         layer = build_lowrank(target.module, rank).set_factors(f.U, f.V, bias)
         return layer, {"rank": rank, "solver": f.solver}

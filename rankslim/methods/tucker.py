@@ -24,6 +24,7 @@ from ..cost import Cost, trace_shapes
 from ..decompose.tucker import evbmf_tucker_ranks, tucker2, unfold_in, unfold_out
 from ..errors import RankError
 from ..layers.tucker import TuckerConv2d
+from ..options import Opt, int_
 from ..surgery import Target, select_targets
 from .base import DecomposeContext, Method, register
 from .spatial import conv_geometry
@@ -88,6 +89,7 @@ class TuckerMethod(Method):
     """
 
     name = "tucker"
+    options = (Opt("hooi_iters", int_, 0, "HOOI refinement sweeps after HOSVD (0: plain HOSVD)"),)
     description = "Tucker-2 channel decomposition (Kim et al. 2016); Tucker-1 for 1x1 convs"
 
     def supports(self, target: Target) -> str | None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..cost import Cost
 from ..decompose.zhang import zhang_lowrank
+from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .prune import corrected_bias, data_info, require_stats
@@ -20,6 +21,8 @@ class ZhangMethod(Method):
     """``min_L 1/(2n)‖Y − LX‖² + λ/2‖W − L‖²``, ``rank(L) ≤ r``: ``L = [B A^{-1/2}]_r A^{-1/2}``."""
 
     name = "zhang"
+    options = (Opt("damping", float_, 1e-4, "lambda = damping * sigma_max(XX^T/n): pull towards W where data is thin"),
+               Opt("bias_correction", bool_, False, "shift the bias to remove the mean output error"))
     description = "data-aware low rank (Zhang et al.): truncated generalised SVD on calibration statistics"
     needs_data = True
 

@@ -185,7 +185,7 @@ def select_projection_targets(model: nn.Module, input_shape: tuple[int, ...], ra
     sample = sample.to(next(model.parameters()).device)
     if keep_head and targets:
         from ..pipeline import find_heads
-        heads = set(find_heads(model, sample, targets))
+        heads = set(find_heads(model, sample))
         targets = [t for t in targets if t.name not in heads]
     if not targets:
         raise RankslimError("no Conv2d/Linear layer to project (check include/exclude/keep_stem/keep_head)")

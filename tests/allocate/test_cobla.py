@@ -8,10 +8,11 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import TensorDataset
 
 import rankslim
-from rankslim.allocate import Allocation, Budget, CostTable, LayerOption, apply_allocation_weights
+from rankslim.allocate import Allocation, Budget, CostTable, LayerOption
+from rankslim.methods import get_method
 from rankslim.allocate.cobla import mask_groups, randomized_round, sqp_relaxation
 from rankslim.allocate.linear import linear_costs
-from rankslim.allocate.masked import SpectralNet, layer_spectrum
+from rankslim.allocate.masked import SpectralNet, layer_spectrum, scaled_weight
 from rankslim.cost import Cost, trace_shapes
 from rankslim.errors import BudgetError
 from rankslim.surgery import select_targets
@@ -114,10 +115,11 @@ def test_masked_network_equals_compressed_model(tiny_net, method):
     targets = _targets(tiny_net)
     methods = {t.name: (method if t.kind == "conv" and t.module.kernel_size != (1, 1) else "svd") for t in targets}
     ranks = {t.name: max(1, t.full_rank // 3) for t in targets}
-    ranks = {n: min(r, layer_spectrum(n, t.module.weight, methods[n]).k) for (n, r), t in zip(ranks.items(), targets)}
+    configured = {n: get_method(m) for n, m in methods.items()}
+    ranks = {n: min(r, layer_spectrum(n, t.module.weight, configured[n]).k) for (n, r), t in zip(ranks.items(), targets)}
     glob = {n: m for n, m in methods.items()}
-    res = rankslim.compress(tiny_net, "svd", methods=glob, ranks=ranks, input_shape=(1, 8, 8))
-    net = SpectralNet(tiny_net, targets, methods)
+    res = rankslim.compress(tiny_net, "svd", methods=glob, ranks=ranks, input_shape=(1, 8, 8), keep_head=False)
+    net = SpectralNet(tiny_net, targets, configured)
     x = torch.randn(16, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(net.forward(x, net.rank_scales(ranks)), res.model(x), atol=1e-4, rtol=1e-4)
@@ -126,19 +128,24 @@ def test_masked_network_equals_compressed_model(tiny_net, method):
 def test_scales_reach_the_decomposition(tiny_net):
     targets = _targets(tiny_net)
     t = next(t for t in targets if t.name == "conv2")
-    s = layer_spectrum(t.name, t.module.weight, "svd")
+    svd = get_method("svd")
+    s = layer_spectrum(t.name, t.module.weight, svd)
     scale = torch.zeros(s.k, dtype=torch.float64)
     keep = torch.tensor([0, 2, 5])
     scale[keep] = torch.tensor([0.9, 0.5, 0.7], dtype=torch.float64)
-    alloc = Allocation({"conv2": 3}, scales={"conv2": scale})
     w_before = t.module.weight.detach().clone()
-    assert apply_allocation_weights(targets, {x.name: "svd" for x in targets}, alloc) == ["conv2"]
-    sv = torch.linalg.svdvals(t.module.weight.detach().double().reshape(32, -1))
+    w = scaled_weight(t.module.weight, scale, svd)
+    sv = torch.linalg.svdvals(w.double().reshape(32, -1))
     expect = (scale * s.sigma.double()).sort(descending=True).values
     torch.testing.assert_close(sv, expect, atol=1e-5, rtol=1e-4)
-    assert not torch.equal(w_before, t.module.weight)
-    # a plain rank dict is a no-op
-    assert apply_allocation_weights(targets, {x.name: "svd" for x in targets}, {"conv1": 2}) == []
+    assert torch.equal(w_before, t.module.weight)  # pure: the module is not touched
+    # through the build stage: the built conv2 is exactly the rescaled weight at rank 3
+    from rankslim import pipeline
+    sel = pipeline.select(tiny_net, (1, 8, 8), "svd", include=["conv2"])
+    built = pipeline.build(sel, Allocation({"conv2": 3}, scales={"conv2": scale}), inplace=False)
+    layer = built.model.get_submodule("conv2")
+    assert built.notes and "rescaled" in built.notes[0]
+    torch.testing.assert_close(layer.weight.detach(), w, atol=1e-5, rtol=1e-4)
 
 
 def _data(n=96):
@@ -160,7 +167,7 @@ def test_cobla_meets_both_budgets_through_compress(tiny_net, method):
 
 
 def test_cobla_refuses_unmaskable_methods_and_missing_budget(tiny_net):
-    with pytest.raises(BudgetError, match="only the methods"):
+    with pytest.raises(BudgetError, match="do not have"):
         rankslim.compress(tiny_net, "tucker", methods={"fc*": "svd"}, params=0.5, allocator="cobla",
                           data=_data(), input_shape=(1, 8, 8))
     with pytest.raises(BudgetError, match="loss='kl' needs calibration data"):
@@ -176,19 +183,10 @@ def test_cobla_data_free_weights_loss(tiny_net):
 
 
 def test_cobla_keeps_best_of_several_roundings(tiny_net):
-    from rankslim.allocate import ALLOCATORS
     box = {}
-    orig = ALLOCATORS["cobla"]
-
-    def capture(table, budget, *, context, **kw):
-        box["a"] = orig(table, budget, context=context, **kw)
-        return box["a"]
-    ALLOCATORS["cobla"] = capture
-    try:
-        rankslim.compress(tiny_net, "svd", params=0.4, macs=0.4, allocator="cobla", data=_data(), calib_samples=96,
-                          input_shape=(1, 8, 8), allocator_options={"maxiter": 8, "rounding_candidates": 4})
-    finally:
-        ALLOCATORS["cobla"] = orig
+    box["a"] = rankslim.compress(tiny_net, "svd", params=0.4, macs=0.4, allocator="cobla", data=_data(),
+                                 calib_samples=96, input_shape=(1, 8, 8),
+                                 allocator_options={"maxiter": 8, "rounding_candidates": 4}).allocation
     info = box["a"].info
     assert len(info["loss_rounded_candidates"]) == 4
     assert info["loss_rounded"] == min(info["loss_rounded_candidates"])
@@ -200,6 +198,6 @@ def test_cobla_start_points(tiny_net, start):
     res = rankslim.compress(tiny_net, "svd", params=0.5, macs=0.5, allocator="cobla", data=_data(), calib_samples=96,
                             input_shape=(1, 8, 8), allocator_options={"maxiter": 5, "start": start})
     assert res.report.fractions()["params"] <= 0.5
-    with pytest.raises(BudgetError, match="start must be"):
+    with pytest.raises(rankslim.OptionError, match="start"):
         rankslim.compress(tiny_net, "svd", params=0.5, allocator="cobla", data=_data(), input_shape=(1, 8, 8),
                           allocator_options={"start": "random"})

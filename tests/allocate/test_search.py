@@ -4,25 +4,19 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-import rankslim
-from rankslim.allocate import ALLOCATORS
+from rankslim import pipeline
+from rankslim.allocate import Budget, get_allocator
 
 
 def _run(model, alloc, **opts):
-    box = {}
-    orig = ALLOCATORS[alloc]
-
-    def capture(table, budget, *, context, **kw):
-        box["a"], box["table"], box["budget"] = orig(table, budget, context=context, **kw), table, budget
-        return box["a"]
-    ALLOCATORS[alloc] = capture
-    try:
-        data = TensorDataset(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
-        rankslim.compress(model, "svd", params=0.45, macs=0.45, allocator=alloc, data=data, calib_samples=64,
-                          input_shape=(1, 8, 8), allocator_options=opts)
-    finally:
-        ALLOCATORS[alloc] = orig
-    return box
+    """The allocation stage on its own (select -> calibrate -> cost table -> allocate), as compress runs it."""
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
+    budget = Budget(params=0.45, macs=0.45)
+    sel = pipeline.select(model, (1, 8, 8), "svd")
+    cal = pipeline.calibrate(sel, data, calib_samples=64, want_batches=True)
+    table = pipeline.cost_table(sel, cal, quantities=budget.quantities)
+    a = pipeline.allocate(sel, table, get_allocator(alloc, opts), budget, calibration=cal)
+    return {"a": a, "table": table, "budget": budget}
 
 
 def test_bayes_never_worse_than_uniform_start(tiny_net):
