@@ -87,10 +87,25 @@ def leaf_cost(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int
 
 @dataclass
 class LayerShapes:
-    """Per-sample input/output shapes of every module seen in one traced forward pass."""
+    """Per-sample input/output shapes of every module seen in one traced forward pass.
+
+    ``inputs``/``outputs`` hold the shapes of a module's FIRST call.  A module called several times
+    in one forward pass (weight reuse, recurrence) has one ``(in_shape, out_shape)`` entry per call
+    in ``calls``, so its MACs can be counted for every call.  A module registered under several
+    names is traced once, under the first name ``named_modules()`` gives it.
+    """
 
     inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    calls: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = field(default_factory=dict)
+
+    def n_calls(self, name: str) -> int:
+        """How many times module ``name`` ran in the traced forward pass (0 if never)."""
+        return len(self.calls.get(name, ()))
+
+    def varying(self, name: str) -> bool:
+        """True when module ``name`` was called with different input or output shapes."""
+        return len(set(self.calls.get(name, ()))) > 1
 
 
 def make_input(input_shape: tuple[int, ...], batch: int = 1, model: nn.Module | None = None) -> torch.Tensor:
@@ -107,20 +122,23 @@ def make_input(input_shape: tuple[int, ...], batch: int = 1, model: nn.Module | 
 def trace_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> LayerShapes:
     """Run one sample through ``model`` (eval mode, no grad) and record every module's shapes.
 
-    Only the first call of a module is recorded (modules reused in a forward pass keep their
-    first shapes).  The model's train/eval mode is restored afterwards.
+    ``inputs``/``outputs`` keep the first call's shapes; every call (modules reused in a forward
+    pass run several times) is listed in ``calls``.  The model's train/eval mode is restored afterwards.
     """
     shapes = LayerShapes()
     handles = []
 
     def hook(name: str):
         def fn(mod: nn.Module, args, out) -> None:
-            if name in shapes.inputs:
+            i = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else ()
+            o = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()
+            shapes.calls.setdefault(name, []).append((i, o))
+            if name in shapes.inputs or name in shapes.outputs:
                 return
             if args and isinstance(args[0], torch.Tensor):
-                shapes.inputs[name] = tuple(args[0].shape[1:])
+                shapes.inputs[name] = i
             if isinstance(out, torch.Tensor):
-                shapes.outputs[name] = tuple(out.shape[1:])
+                shapes.outputs[name] = o
         return fn
 
     for name, mod in model.named_modules():
@@ -166,8 +184,10 @@ class ModelCost:
 def model_cost(model: nn.Module, input_shape: tuple[int, ...], shapes: LayerShapes | None = None) -> ModelCost:
     """Parameters and MACs of ``model`` for one sample of ``input_shape`` (no batch dim).
 
-    Parameters count every parameter of the model once (custom sparse layers count COO storage).
-    MACs count Conv2d, Linear and every rankslim layer.  Layers never called in the traced
+    Parameters count every parameter object of the model once, however many modules or names
+    share it (as ``model.parameters()`` does); custom sparse layers count COO storage.  MACs count
+    Conv2d, Linear and every rankslim layer, once per call: a module run twice in the forward pass
+    costs twice its MACs (``layers[name].macs`` is that sum).  Layers never called in the traced
     forward pass contribute parameters but no MACs.
     """
     shapes = shapes or trace_shapes(model, input_shape)
@@ -181,12 +201,21 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...], shapes: LayerShap
         c = leaf_cost(mod, shapes.inputs[name], shapes.outputs[name])
         if c is None:
             continue
+        # a reused module costs MACs on every call, with that call's shapes
+        per_call = shapes.calls.get(name) or [(shapes.inputs[name], shapes.outputs[name])]
+        macs = c.macs + sum(leaf_cost(mod, i, o).macs for i, o in per_call[1:])  # type: ignore[union-attr]
+        c = Cost(c.params, macs)
         layers[name] = c
         total_macs += c.macs
         if callable(getattr(mod, "rankslim_cost", None)):
+            ids = {id(p) for p in mod.parameters()}
+            if ids & counted_param_ids:
+                # a custom layer sharing parameters with another custom layer: count plain numel once
+                continue
             # custom layers may count storage differently from numel (sparse COO)
             custom_params += c.params
-            counted_param_ids.update(id(p) for p in mod.parameters())
+            counted_param_ids.update(ids)
+    # model.parameters() yields each Parameter object once, so tied weights are counted once
     plain = sum(p.numel() for p in model.parameters() if id(p) not in counted_param_ids)
     return ModelCost(Cost(plain + custom_params, total_macs), layers)
 

@@ -18,7 +18,7 @@ import functools
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -195,12 +195,60 @@ def load_dataset(name: str, split: str = "train") -> TensorDataset:
     return TensorDataset(images.contiguous(), labels)
 
 
+#: what calibration data may yield, quoted in every error about it
+EXPECTED_ITEMS = ("a tensor of model inputs, or (inputs, labels, ...) tuples/lists whose first element is the input "
+                  "tensor")
+
+
+def _describe(obj: Any) -> str:
+    """A short, one-line description of what the data yielded (type, keys, shapes)."""
+    if isinstance(obj, torch.Tensor):
+        return f"a {str(obj.dtype).replace('torch.', '')} tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        keys = [repr(k) for k in list(obj)[:6]]
+        return f"a {type(obj).__name__} with keys {', '.join(keys)}{', ...' if len(obj) > 6 else ''}"
+    if isinstance(obj, (tuple, list)):
+        parts = ", ".join(type(x).__name__ for x in obj[:4])
+        return f"a {type(obj).__name__} of {len(obj)} items ({parts}{', ...' if len(obj) > 4 else ''})"
+    return f"a {type(obj).__name__}"
+
+
+def _not_understood(item: Any) -> DataError:
+    hint = (" (for dict batches, e.g. from a Hugging Face dataset, wrap the data so each item is the model's input "
+            "tensor or an (input, label) pair)" if isinstance(item, Mapping) else "")
+    return DataError(f"calibration data yielded {_describe(item)}; expected {EXPECTED_ITEMS}{hint}")
+
+
 def _first(item: Any) -> torch.Tensor:
-    """The input of a dataset item: ``x`` of ``(x, y, ...)`` or the item itself."""
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x))
-    return x
+    """The input of a dataset item or batch: ``x`` of ``(x, y, ...)`` or the item itself.
+
+    Arrays and numbers become tensors; dicts, nested tuples, strings and other objects raise
+    :class:`DataError` saying what was received and what is expected.
+    """
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise _not_understood(item)
+        x = item[0]
+    else:
+        x = item
+    if isinstance(x, torch.Tensor):
+        return x
+    if x is None or isinstance(x, (Mapping, tuple, list, str, bytes)):
+        raise _not_understood(item)
+    arr = np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind in "USV":
+        raise _not_understood(item)
+    return torch.as_tensor(arr)
+
+
+def _join(xs: list[torch.Tensor], stack: bool) -> torch.Tensor:
+    """``torch.stack`` (items) or ``torch.cat`` (batches) with a :class:`DataError` when shapes disagree."""
+    per_sample = {tuple(x.shape) if stack else tuple(x.shape[1:]) for x in xs}
+    if len(per_sample) > 1:
+        shown = ", ".join(str(s) for s in sorted(per_sample)[:4])
+        raise DataError(f"calibration inputs have different per-sample shapes ({shown}); every input must have the "
+                        "shape the model takes (resize or crop them to one size)")
+    return torch.stack(xs) if stack else torch.cat(xs)
 
 
 def as_loader(data: str | Dataset | DataLoader, batch_size: int = 256, split: str = "test") -> DataLoader:
@@ -248,13 +296,16 @@ def calibration_batches(data: str | Dataset | DataLoader, n_samples: int, batch_
         seen = 0
         for batch in data:
             x = _first(batch)
+            if x.dim() == 0:
+                raise DataError(f"the calibration DataLoader yielded {_describe(x)}: batches need a leading batch "
+                                "dimension (use a DataLoader over a Dataset, or a Dataset of per-sample tensors)")
             xs.append(x[: n_samples - seen])
             seen += xs[-1].shape[0]
             if seen >= n_samples:
                 break
         if seen == 0:
             raise DataError("the calibration DataLoader yielded no samples")
-        return list(torch.cat(xs).split(batch_size))
+        return list(_join(xs, stack=False).split(batch_size))
     if not isinstance(data, Dataset):
         raise DataError(f"calibration data must be a dataset name, Dataset or DataLoader, got "
                         f"{type(data).__name__}; dataset names: {', '.join(sorted(DATASETS))}")
@@ -267,7 +318,7 @@ def calibration_batches(data: str | Dataset | DataLoader, n_samples: int, batch_
                 break
         if not items:
             raise DataError("the calibration dataset is empty")
-        return list(torch.stack(items).split(batch_size))
+        return list(_join(items, stack=True).split(batch_size))
     if n == 0:
         raise DataError("the calibration dataset is empty")
     gen = torch.Generator().manual_seed(seed)
@@ -275,8 +326,106 @@ def calibration_batches(data: str | Dataset | DataLoader, n_samples: int, batch_
     if isinstance(data, TensorDataset):  # fast path: one gather instead of n item lookups
         x = data.tensors[0][idx]
     else:
-        x = torch.stack([_first(data[int(i)]) for i in idx])
+        x = _join([_first(data[int(i)]) for i in idx], stack=True)
     return [b.clone() for b in x.split(batch_size)]
+
+
+def _model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """dtype of the model's first floating-point parameter (or buffer), ``None`` when it has none."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    t = next(iter((*model.parameters(), *model.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def to_model_dtype(batches: Iterable[torch.Tensor], model: nn.Module) -> list[torch.Tensor]:
+    """``batches`` with every floating-point tensor cast to the dtype of ``model``'s parameters.
+
+    The datasets give float32 images; a float64 (or float16/bfloat16) model needs its own dtype.
+    Integer inputs (token ids) and tensors already in the right dtype are returned as they are
+    (same objects); shapes and devices never change.
+    """
+    dtype = _model_float_dtype(model)
+    out = []
+    for b in batches:
+        if dtype is not None and isinstance(b, torch.Tensor) and b.is_floating_point() and b.dtype != dtype:
+            b = b.to(dtype)
+        out.append(b)
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, prefixed by its type."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def check_batches(model: nn.Module, batches: Sequence[torch.Tensor], input_shape: Iterable[int] | None) -> None:
+    """Check calibration inputs before any compression work; raise :class:`DataError` with one clear line.
+
+    ``batches``: the tensors from :func:`calibration_batches`, each ``(B, *input_shape)``.
+    ``input_shape``: the per-sample shape the model is compressed for (no batch dim), or ``None``
+    to skip the shape check.  Checked, in this order: every batch is a non-empty tensor (not a
+    dict or tuple); its per-sample shape equals ``input_shape``; no NaN/Inf anywhere (they would
+    turn every statistic and every re-estimated BatchNorm into NaN); and the model runs on the
+    first two samples of the first batch (eval mode, no grad; the model's train/eval mode is
+    restored).  Non-floating inputs (e.g. uint8 images) are accepted when the model runs on them
+    (token ids), and refused with a conversion hint when it does not.
+
+    When ``batches`` is a list and every check passes, its floating-point tensors are replaced in
+    place by copies in the model's dtype (:func:`to_model_dtype`), so a float64 or half model gets
+    inputs it can run on in every later stage (calibration, BatchNorm re-estimation, allocators).
+    The tensors themselves are never modified.
+    """
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Sequence):
+        raise DataError(f"calibration batches must be a list of input tensors, got {_describe(batches)}")
+    if not batches:
+        raise DataError("no calibration inputs: the calibration data is empty")
+    expected = None if input_shape is None else tuple(int(s) for s in input_shape)
+    for i, b in enumerate(batches):
+        where = "" if len(batches) == 1 else f" (batch {i})"
+        if not isinstance(b, torch.Tensor):
+            raise DataError(f"calibration batch {i} is {_describe(b)}; each batch must be one tensor of model inputs, "
+                            f"as rankslim.data.calibration_batches builds from {EXPECTED_ITEMS}")
+        if b.dim() == 0 or b.shape[0] == 0:
+            raise DataError(f"calibration batch {i} is {_describe(b)}: it holds no samples")
+        if expected is not None and tuple(b.shape[1:]) != expected:
+            raise DataError(f"calibration inputs have per-sample shape {tuple(b.shape[1:])}{where} but the model's "
+                            f"input_shape is {expected}; pass data of that shape (e.g. as many channels as the "
+                            f"model's first layer takes) or the matching input_shape")
+    n_bad = n_bad_samples = 0
+    for b in batches:
+        if b.is_floating_point() or b.is_complex():
+            bad = ~torch.isfinite(b)
+            n_bad += int(bad.sum())
+            n_bad_samples += int(bad.reshape(bad.shape[0], -1).any(1).sum())
+    if n_bad:
+        total = sum(int(b.shape[0]) for b in batches)
+        raise DataError(f"the calibration inputs hold {n_bad:,} NaN/Inf value(s) in {n_bad_samples:,} of {total:,} "
+                        "samples; clean or drop those samples (calibration statistics and BatchNorm re-estimation "
+                        "would all become NaN)")
+    x = to_model_dtype([batches[0][:2]], model)[0].to(_model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as a data problem
+        dtype = _model_float_dtype(model)
+        if not x.is_floating_point() and dtype is not None:
+            raise DataError(f"calibration inputs are {str(x.dtype).replace('torch.', '')} but the model computes in "
+                            f"{str(dtype).replace('torch.', '')} and failed on them ({_one_line(exc)}); convert "
+                            "them to floating point, normalised as in training (e.g. x.float() / 255)") from exc
+        raise DataError(f"the model failed on calibration inputs of shape {tuple(x.shape)}: {_one_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+    if isinstance(batches, list):
+        batches[:] = to_model_dtype(batches, model)
 
 
 def _iter_batches(loader: Iterable, max_samples: int | None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -328,4 +477,4 @@ def evaluate_accuracy(model: nn.Module, data: str | Dataset | DataLoader, batch_
 
 
 __all__ = ["DATASETS", "DatasetInfo", "FASHION_MNIST_DIR", "SPLIT_SEED", "as_loader", "calibration_batches",
-           "evaluate_accuracy", "load_dataset", "mnist_split", "split_indices"]
+           "check_batches", "evaluate_accuracy", "load_dataset", "mnist_split", "split_indices", "to_model_dtype"]

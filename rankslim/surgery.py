@@ -20,6 +20,10 @@ class Target:
     ``kind`` is "conv" (``nn.Conv2d``) or "linear" (``nn.Linear``); ``in_shape``/``out_shape`` are
     per-sample shapes from a traced forward pass.  ``matrix`` is the im2col view
     ``W.reshape(out, in * kh * kw)`` for convs and ``(out, in)`` for Linear.
+
+    ``calls`` is how many times the layer runs in one forward pass (every call with the same
+    shapes); ``aliases`` are the other names under which the same module object is registered
+    (:func:`replace_modules` replaces those too, so they stay shared).
     """
 
     name: str
@@ -27,6 +31,8 @@ class Target:
     kind: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    calls: int = 1
+    aliases: tuple[str, ...] = ()
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -58,9 +64,17 @@ class Target:
 
     @property
     def dense_cost(self) -> Cost:
+        """Parameters and MACs of ONE call of the dense layer (like every ``Method.cost``); see :meth:`per_sample`."""
         c = leaf_cost(self.module, self.in_shape, self.out_shape)
         assert c is not None
         return c
+
+    def per_sample(self, per_call: Cost) -> Cost:
+        """A per-call cost (``dense_cost``, ``Method.cost``) turned into the cost per sample: MACs times ``calls``.
+
+        Parameters are stored once however often the layer runs.
+        """
+        return Cost(per_call.params, per_call.macs * self.calls)
 
     def describe_shape(self) -> str:
         """Human-readable weight shape, e.g. ``64x64x3x3`` or ``512x10``."""
@@ -96,15 +110,33 @@ def select_targets(
     parameters are reported as skipped (unsupported type).  ``keep_stem`` leaves convs that read
     the image itself (at most 3 input channels) dense: they hold a tiny share of the cost but a
     low-rank stem ruins accuracy (see docs/results/decompositions.md).
+
+    Shared layers (see docs/getting-started.md, "Shared and tied layers"): a module registered
+    under several names is a target once, under its first name, and each other name is listed as
+    skipped ("alias of ..."); a layer called several times per forward pass is a target whose
+    ``calls`` counts them, unless the calls see different shapes (skipped); a layer holding a
+    Parameter that another layer also holds (``b.weight = a.weight``, tied embeddings) is skipped
+    ("weight tied with ..."), because replacing it would untie the two.
     """
     include = list(include or [])
     targets: list[Target] = []
     skipped: list[Skipped] = []
-    seen: set[int] = set()
-    for name, mod in model.named_modules():
+    first_name: dict[int, str] = {}
+    names_of: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(mod), []).append(name)
+    tied = _tied_parameters(model)
+    for name, mod in model.named_modules(remove_duplicate=False):
         if not name:
             continue
         tname = type(mod).__name__
+        if id(mod) in first_name:
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                first = first_name[id(mod)]
+                skipped.append(Skipped(name, tname, f"alias of {first!r} (the same module object): handled once "
+                                                    f"under {first!r}, and a replacement replaces both names"))
+            continue
+        first_name[id(mod)] = name
         is_candidate = isinstance(mod, (nn.Conv2d, nn.Linear)) and type(mod) in (nn.Conv2d, nn.Linear)
         if not is_candidate:
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -125,10 +157,11 @@ def select_targets(
             why = "depthwise" if mod.groups == mod.in_channels else f"grouped (groups={mod.groups})"
             skipped.append(Skipped(name, tname, f"{why} convolution: no channel decomposition"))
             continue
-        if id(mod) in seen:
-            skipped.append(Skipped(name, tname, "module is shared with another name"))
+        ties = tied.get(name)
+        if ties:
+            skipped.append(Skipped(name, tname, "; ".join(f"{p} tied with {other}" for p, other in ties)
+                                   + ": decomposing one would untie them, so both stay dense"))
             continue
-        seen.add(id(mod))
         if keep_stem and isinstance(mod, nn.Conv2d) and mod.in_channels <= 3:
             skipped.append(Skipped(name, tname, "stem conv (<= 3 input channels) kept dense (keep_stem=True)"))
             continue
@@ -138,9 +171,36 @@ def select_targets(
         if name not in shapes.outputs:
             skipped.append(Skipped(name, tname, "not called in the forward pass"))
             continue
+        calls = shapes.calls.get(name, [])
+        if len(set(calls)) > 1:
+            seen_shapes = ", ".join(str(i) for i in dict.fromkeys(i for i, _ in calls))
+            skipped.append(Skipped(name, tname, f"called {len(calls)} times per forward pass with different shapes "
+                                                f"(inputs {seen_shapes}): one factorization is costed at one shape"))
+            continue
         kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
-        targets.append(Target(name, mod, kind, shapes.inputs[name], shapes.outputs[name]))
+        aliases = tuple(n for n in names_of[id(mod)] if n != name)
+        targets.append(Target(name, mod, kind, shapes.inputs[name], shapes.outputs[name], max(1, len(calls)), aliases))
     return targets, skipped
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """``{module name: [(param name, "other_module.param"), ...]}`` for parameters held by more than one module.
+
+    Modules are taken once each (aliases of one module object are not ties); a parameter tied
+    with several modules lists each of them.
+    """
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mname, pname))
+    out: dict[str, list[tuple[str, str]]] = {}
+    for hs in holders.values():
+        if len({m for m, _ in hs}) < 2:
+            continue
+        for mname, pname in hs:
+            others = [f"{m}.{p}" if m else p for m, p in hs if m != mname]
+            out.setdefault(mname, []).extend((pname, o) for o in others)
+    return out
 
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
@@ -172,13 +232,24 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
         raise PlanError(f"the model has no layer named {name!r}") from exc
 
 
+def module_names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every dotted name under which ``module`` (this very object) is registered in ``model``, in registration order."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
 def replace_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
-    """Swap each dotted name in ``replacements`` for its new module, in place; returns ``model``."""
+    """Swap each dotted name in ``replacements`` for its new module, in place; returns ``model``.
+
+    Every other name that refers to the same module object (an alias such as ``self.b = self.a``)
+    gets the same new module too, so layers shared by identity stay shared.  Raises
+    :class:`PlanError` when a name is missing.
+    """
     for name, new in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = get_submodule(model, parent_name) if parent_name else model
-        get_submodule(model, name)  # raise a clear error if the layer is missing
-        setattr(parent, child, new)
+        old = get_submodule(model, name)  # raise a clear error if the layer is missing
+        for alias in module_names(model, old) or [name]:
+            parent_name, _, child = alias.rpartition(".")
+            parent = get_submodule(model, parent_name) if parent_name else model
+            setattr(parent, child, new)
     return model
 
 

@@ -38,3 +38,27 @@ def test_linear_on_tokens_counts_every_position():
 def test_wrong_input_shape_is_a_clear_error(tiny_net):
     with pytest.raises(rankslim.InputShapeError, match="input shape"):
         model_cost(tiny_net, (3, 8, 8))
+
+
+class _ConvTwiceTied(nn.Module):
+    """A conv applied twice and two Linear layers sharing one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.a = nn.Linear(4 * 6 * 6, 8)
+        self.b = nn.Linear(4 * 6 * 6, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(torch.relu(self.conv(x))).flatten(1)
+        return self.a(x) + self.b(x)
+
+
+def test_reused_conv_and_tied_weight_are_counted_like_torch():
+    model = _ConvTwiceTied()
+    shape = (4, 6, 6)
+    mc = model_cost(model, shape)
+    assert mc.total.macs == flop_counter_macs(model, shape)
+    assert mc.layers["conv"].macs == 2 * 6 * 6 * 4 * 4 * 9  # both calls
+    assert mc.total.params == sum(p.numel() for p in model.parameters())  # the shared weight once
