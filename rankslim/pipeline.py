@@ -43,7 +43,8 @@ class Selection:
     ``model``: the working copy (the user's model itself only when ``inplace``); ``original``: the
     user's model; ``targets`` in forward order with ``methods[name]`` their configured method;
     ``skipped`` with reasons; ``heads``: targets whose output is the model's output;
-    ``original_cost``: params and MACs per sample (MACs by ``FlopCounterMode``); ``shapes``: traced shapes.
+    ``original_cost``: params and MACs per sample (MACs by ``FlopCounterMode``); ``shapes``: traced shapes;
+    ``n_classes``: the last dimension of a 2-D model output (classes), else ``None``.
     """
 
     model: nn.Module
@@ -58,6 +59,7 @@ class Selection:
     shapes: LayerShapes
     spec: str | None = None
     dataset: str | None = None
+    n_classes: int | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -94,24 +96,31 @@ def split_method_options(default: str, options: Mapping[str, Any] | None) -> dic
     return out
 
 
-def find_heads(model: nn.Module, example: Any) -> list[str]:
+def find_heads(model: nn.Module, example: Any, output_shapes: list | None = None) -> list[str]:
     """Names of the Linear/Conv layers whose output is (a tensor of) the model's output: the classifier / LM head.
 
     Found by object identity of the tensors in one eval forward pass on ``example``; when the output is
     computed after the last layer (a softmax, a reshape), the last such layer called is the head if its
-    output has as many elements as the model's first output.
+    output has as many elements as the model's first output.  ``output_shapes``, when given, receives
+    the shapes of the model's output tensors.
     """
     produced: dict[int, str] = {}
-    order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []
+    order: list[tuple[str, int, bool]] = []  # every module with parameters of its own, in call order
     handles = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        is_layer = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        if not is_layer and not any(True for _ in mod.parameters(recurse=False)):
             continue
 
-        def hook(_m, _a, out, name=name):
+        def hook(_m, _a, out, name=name, is_layer=is_layer):
             if isinstance(out, torch.Tensor):
-                produced[id(out)] = name
-                order.append((name, out.numel()))
+                if is_layer:
+                    alive.append(out)  # held so that no later tensor can reuse its id or storage
+                    produced[id(out)] = name
+                    if out.numel():
+                        produced.setdefault(out.data_ptr(), name)
+                order.append((name, out.numel(), is_layer))
         handles.append(mod.register_forward_hook(hook))
     was = model.training
     model.eval()
@@ -134,8 +143,14 @@ def find_heads(model: nn.Module, example: Any) -> list[str]:
             for v in o:
                 walk(v)
     walk(out)
+    if output_shapes is not None:
+        output_shapes.extend(tuple(x.shape) for x in leaves)
     heads = [produced[id(x)] for x in leaves if id(x) in produced]
-    if not heads and order and leaves and order[-1][1] == leaves[0].numel():
+    # a view of the head's output (flatten, squeeze) shares its storage
+    heads += [produced[x.data_ptr()] for x in leaves if x.numel() and x.data_ptr() in produced]
+    # an activation after the head (log_softmax): the last module with parameters is that layer and the
+    # output has its size; a LayerNorm or other parametrised module after it means it is no head
+    if not heads and order and leaves and order[-1][2] and order[-1][1] == leaves[0].numel():
         heads = [order[-1][0]]
     return list(dict.fromkeys(heads))
 
@@ -176,7 +191,9 @@ def select(
     shapes = trace_shapes(work, input_shape)
     targets, skipped = select_targets(work, shapes, include, exclude, min_params, keep_stem)
     from .cost import make_input
-    heads = find_heads(work, make_input(input_shape, 1, work)) if targets else []
+    out_shapes: list = []
+    heads = find_heads(work, make_input(input_shape, 1, work), out_shapes) if targets else []
+    n_classes = int(out_shapes[0][-1]) if out_shapes and len(out_shapes[0]) == 2 else None
     chosen: dict[str, Method] = {}
     kept: list[Target] = []
     for t in targets:
@@ -197,7 +214,7 @@ def select(
     base = model_cost(work, input_shape, shapes)
     original = Cost(base.total.params, flop_counter_macs(work, input_shape))
     return Selection(work, model, input_shape, kept, chosen, skipped, heads, original, base.total.macs, shapes,
-                     spec, dataset)
+                     spec, dataset, n_classes)
 
 
 # ---------------------------------------------------------------------------------------- calibrate
@@ -279,8 +296,9 @@ def cost_table(selection: Selection, calibration: Calibration | None = None, *, 
         m = selection.methods[t.name]
         sigma = m.data_spectrum(t, stats[t.name]) if t.name in stats else m.spectrum(t)
         floor = 1
-        if not keep_head and t.name in selection.heads:
-            floor = min(m.max_rank(t), int(t.out_shape[-1] if t.kind == "linear" else t.out_shape[0]))
+        if keep_head and selection.n_classes and t.kind == "linear" and t.out_shape[-1] == selection.n_classes:
+            # a classifier that head detection did not single out (auxiliary heads): never below its classes
+            floor = min(m.max_rank(t), selection.n_classes)
         options.append(LayerOption(t.name, m.max_rank(t), t.dense_cost, (lambda r, t=t, m=m: m.cost(t, r)),
                                    sigma, m.name, min_rank=floor))
     return CostTable(options, selection.original_cost, round_to=round_to, quantities=tuple(quantities) or ("params",))

@@ -122,7 +122,7 @@ def test_infeasible_budget_is_refused(tiny_net):
 
 def test_impossible_rank_is_refused(tiny_net):
     with pytest.raises(rankslim.RankError, match=r"\[1, 10\]"):
-        rankslim.compress(tiny_net, ranks={"fc2": 11}, input_shape=(1, 8, 8))
+        rankslim.compress(tiny_net, ranks={"fc2": 11}, input_shape=(1, 8, 8), keep_head=False)
     with pytest.raises(rankslim.RankError, match="no target layer"):
         rankslim.compress(tiny_net, ranks={"nope*": 3}, input_shape=(1, 8, 8))
 
@@ -179,9 +179,9 @@ def test_empty_calibration_data_is_refused(tiny_net):
 
 
 def test_cobla_scales_reach_the_weights_unless_disabled(tiny_net):
-    kw = dict(params=0.5, input_shape=(1, 8, 8), allocator="cobla", data="digits", calib_samples=64)
+    kw = dict(params=0.5, input_shape=(1, 8, 8), allocator="cobla", data="digits", calib_samples=64, keep_head=False)
     scaled = rankslim.compress(tiny_net, **kw)
-    plain = rankslim.compress(tiny_net, allocator_options={"scale_weights": False}, **kw)
+    plain = rankslim.compress(tiny_net, allocator_options={"scale": False}, **kw)
     assert any("rescaled" in n for n in scaled.report.notes)
     assert not any("rescaled" in n for n in plain.report.notes)
     assert [r.rank for r in scaled.report.rows] == [r.rank for r in plain.report.rows]

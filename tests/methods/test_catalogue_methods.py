@@ -84,7 +84,7 @@ def test_cost_is_exact_and_increasing(method: str) -> None:
 def test_full_knob_reproduces_the_model(method: str) -> None:
     model, shape = _model(method)
     m, targets = _targets(model, shape, method)
-    res = rankslim.compress(model, method, ranks={t.name: m.max_rank(t) for t in targets}, input_shape=shape)
+    res = rankslim.compress(model, method, ranks={t.name: m.max_rank(t) for t in targets}, keep_head=False, input_shape=shape)
     x = torch.randn(4, *shape)
     torch.testing.assert_close(res.model(x), model(x), rtol=1e-4, atol=1e-5)
 
@@ -93,7 +93,7 @@ def test_full_knob_reproduces_the_model(method: str) -> None:
                                            ("tucker", 0.25)])
 def test_compress_meets_budget_and_round_trips(method: str, budget: float, tmp_path) -> None:
     model, shape = _model(method)
-    res = rankslim.compress(model, method, params=budget, input_shape=shape, method_options={"n_iter": 20})
+    res = rankslim.compress(model, method, params=budget, keep_head=False, input_shape=shape, method_options={"n_iter": 20} if method == "cp" else None)
     assert res.report.compressed.params <= budget * res.report.original.params
     # the spectra give CPTV something to work with on every knob step: the budget is used, not wasted
     assert res.report.compressed.params >= 0.85 * budget * res.report.original.params
@@ -112,7 +112,7 @@ def test_compress_meets_budget_and_round_trips(method: str, budget: float, tmp_p
 
 def test_per_layer_mix_and_tucker_ranks_in_report() -> None:
     model, shape = _model("tucker")
-    res = rankslim.compress(model, "tucker", params=0.6, input_shape=shape,
+    res = rankslim.compress(model, "tucker", params=0.6, keep_head=False, input_shape=shape,
                             methods={"conv3": "spatial", "conv2": "cp", "fc": "svd"})
     by_name = {r.name: r for r in res.report.rows}
     assert by_name["conv3"].method in ("spatial", "dense")
@@ -125,18 +125,18 @@ def test_per_layer_mix_and_tucker_ranks_in_report() -> None:
 
 def test_unsupported_layers_are_skipped_with_reasons() -> None:
     model, shape = _model("cp")
-    res = rankslim.compress(model, "cp", params=0.8, input_shape=shape)
+    res = rankslim.compress(model, "cp", params=0.8, keep_head=False, input_shape=shape)
     reasons = {s["name"]: s["reason"] for s in res.report.skipped}
     assert "1x1" in reasons["conv4"] and "Linear" in reasons["fc"]
     mlp, mshape = _model("tt")
     with pytest.raises(rankslim.RankslimError, match="no layer"):
-        rankslim.compress(mlp, "tucker", params=0.5, input_shape=mshape)
+        rankslim.compress(mlp, "tucker", params=0.5, keep_head=False, input_shape=mshape)
 
 
 def test_cp_memory_guard_through_the_api() -> None:
     model, shape = _model("cp")
     with pytest.raises(RankError, match="conv.*GiB"):
-        rankslim.compress(model, "cp", params=0.5, input_shape=shape, method_options={"max_bytes": 10_000})
+        rankslim.compress(model, "cp", params=0.5, keep_head=False, input_shape=shape, method_options={"max_bytes": 10_000})
 
 
 def test_evbmf_knobs_are_budget_free_tucker_ranks() -> None:
@@ -153,7 +153,7 @@ def test_evbmf_knobs_are_budget_free_tucker_ranks() -> None:
     assert m.evbmf_ranks(t3) == (4, 6)
     r3, r4 = knob_to_ranks(t3, knobs["conv3"])
     assert r3 >= 4 and r4 >= 6
-    res = rankslim.compress(model, "tucker", ranks=knobs, input_shape=shape)
+    res = rankslim.compress(model, "tucker", ranks=knobs, keep_head=False, input_shape=shape)
     assert {lp.name for lp in res.plan.layers} == set(knobs)
 
 
@@ -166,5 +166,5 @@ def test_evbmf_knobs_for_svd_is_the_matrix_rank_rule() -> None:
                              + 1e-3 * torch.randn(120, 256, generator=g))
     knobs = evbmf_knobs(mlp, MLP_SHAPE, method="svd")
     assert knobs["fc1"] == 7
-    res = rankslim.compress(mlp, "svd", ranks=knobs, input_shape=MLP_SHAPE)
+    res = rankslim.compress(mlp, "svd", ranks=knobs, keep_head=False, input_shape=MLP_SHAPE)
     assert {lp.name: lp.info["rank"] for lp in res.plan.layers}["fc1"] == 7

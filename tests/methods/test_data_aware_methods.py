@@ -32,7 +32,7 @@ def trained():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_compress_meets_budget_and_round_trips(trained, method, tmp_path):
-    res = rankslim.compress(trained, method, params=0.4, input_shape=(1, 8, 8), data="digits", calib_samples=128)
+    res = rankslim.compress(trained, method, params=0.4, keep_head=False, input_shape=(1, 8, 8), data="digits", calib_samples=128)
     f = res.report.fractions()
     assert f["params"] <= 0.4 + 1e-9
     # the cost the allocator planned is what the built layers report
@@ -53,14 +53,14 @@ def test_data_aware_beats_data_free_at_equal_size(trained):
     test = load_dataset("digits", "test")
     acc = {}
     for m in ("prune", "prune-data", "godec", "grebdec"):
-        r = rankslim.compress(trained, m, params=0.3, input_shape=(1, 8, 8), data="digits", calib_samples=256)
+        r = rankslim.compress(trained, m, params=0.3, keep_head=False, input_shape=(1, 8, 8), data="digits", calib_samples=256)
         acc[m] = evaluate_accuracy(r.model, test)
     assert acc["prune-data"] > acc["prune"]
     assert acc["grebdec"] > acc["godec"]
 
 
 def test_grebdec_uses_sparse_model_on_pointwise_convs(trained):
-    r = rankslim.compress(trained, "grebdec", params=0.5, input_shape=(1, 8, 8), data="digits", calib_samples=64)
+    r = rankslim.compress(trained, "grebdec", params=0.5, keep_head=False, input_shape=(1, 8, 8), data="digits", calib_samples=64)
     assert isinstance(r.model[4], SparseConv2d)
     info = {row.name: row.info for row in r.report.rows}
     assert info["4"]["model"].startswith("sparse") and "sparse_note" in info["4"]

@@ -55,7 +55,7 @@ def _stats(model: nn.Module, name: str, n: int = 128, sequential: bool = False):
 
 
 def test_ddlr_compress_end_to_end_with_round_trip(trained, test_set, tmp_path):
-    res = rankslim.compress(trained, "ddlr", params=0.5, input_shape=SHAPE, data="digits", calib_samples=96,
+    res = rankslim.compress(trained, "ddlr", params=0.5, keep_head=False, input_shape=SHAPE, data="digits", calib_samples=96,
                             sequential=False, method_options={"eps": 0.05, "activation": HEAD})
     assert res.report.fractions()["params"] <= 0.5 + 1e-9
     replaced = [r for r in res.report.rows if r.replaced]
@@ -78,9 +78,9 @@ def test_ddlr_compress_end_to_end_with_round_trip(trained, test_set, tmp_path):
 def test_ddlr_beats_svd_at_equal_rank(trained, test_set):
     """The data-aware solution keeps more accuracy than data-free SVD at the same small ranks."""
     ranks = {"fc1": 6, "fc2": 6}
-    d = rankslim.compress(trained, "ddlr", ranks=ranks, input_shape=SHAPE, data="digits", calib_samples=128,
+    d = rankslim.compress(trained, "ddlr", ranks=ranks, keep_head=False, input_shape=SHAPE, data="digits", calib_samples=128,
                           sequential=False, method_options={"eps": 0.1, "ddlr_solver": "admm", "ddlr_max_iter": 1500})
-    s = rankslim.compress(trained, "svd", ranks=ranks, input_shape=SHAPE)
+    s = rankslim.compress(trained, "svd", ranks=ranks, keep_head=False, input_shape=SHAPE)
     assert evaluate_accuracy(d.model, test_set) > evaluate_accuracy(s.model, test_set)
 
 
@@ -114,7 +114,7 @@ def test_ddlr_on_a_conv_through_im2col():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1),
                         nn.ReLU(), nn.Flatten(), nn.Linear(12 * 16, 10)).eval()
-    res = rankslim.compress(net, "ddlr", ranks={"2": 12}, input_shape=SHAPE, data="digits", calib_samples=16,
+    res = rankslim.compress(net, "ddlr", ranks={"2": 12}, keep_head=False, input_shape=SHAPE, data="digits", calib_samples=16,
                             sequential=False, method_options={"eps": 0.0, "activation": "linear"})
     layer = res.model[2]
     assert isinstance(layer, LowRankConv2d)
@@ -127,7 +127,7 @@ def test_ddlr_on_a_conv_through_im2col():
 
 
 def test_relu_admm_end_to_end_with_sparse_part(trained, test_set, tmp_path):
-    res = rankslim.compress(trained, "relu_admm", ranks={"fc1": 8, "fc2": 8}, input_shape=SHAPE, data="digits",
+    res = rankslim.compress(trained, "relu_admm", ranks={"fc1": 8, "fc2": 8}, keep_head=False, input_shape=SHAPE, data="digits",
                             calib_samples=128, sequential=False,
                             method_options={"lam_rank": 0.01, "lam_sparse": 0.01, "a_columns": 0.05})
     fc1 = res.model.fc1
@@ -181,7 +181,7 @@ def test_clear_errors(trained):
         get_method("ddlr").decompose(t, 4, DecomposeContext(torch.Generator(), stats=stats,
                                                             options={"activation": "tanh"}))
     with pytest.raises(RankslimError):
-        rankslim.compress(trained, "ddlr", ratio=0.5, input_shape=SHAPE)  # no data
+        rankslim.compress(trained, "ddlr", ratio=0.5, keep_head=False, input_shape=SHAPE)  # no data
 
 
 def test_relu_admm_on_a_conv():
@@ -189,7 +189,7 @@ def test_relu_admm_on_a_conv():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1),
                         nn.ReLU(), nn.Flatten(), nn.Linear(12 * 16, 10)).eval()
-    res = rankslim.compress(net, "relu_admm", ranks={"2": 4}, input_shape=SHAPE, data="digits", calib_samples=16,
+    res = rankslim.compress(net, "relu_admm", ranks={"2": 4}, keep_head=False, input_shape=SHAPE, data="digits", calib_samples=16,
                             sequential=False, method_options={"lam_rank": 0.01, "lam_sparse": 0.001, "a_columns": 3})
     layer = res.model[2]
     info = res.report.rows[[r.name for r in res.report.rows].index("2")].info
