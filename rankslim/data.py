@@ -388,7 +388,7 @@ def check_batches(model: nn.Module, batches: Sequence[torch.Tensor], input_shape
         raise DataError("no calibration inputs: the calibration data is empty")
     expected = None if input_shape is None else tuple(int(s) for s in input_shape)
     for i, b in enumerate(batches):
-        where = "" if len(batches) == 1 else f" (batch {i})"
+        where = f" (batch {i}; earlier batches had the expected shape)" if i else ""
         if not isinstance(b, torch.Tensor):
             raise DataError(f"calibration batch {i} is {_describe(b)}; each batch must be one tensor of model inputs, "
                             f"as rankslim.data.calibration_batches builds from {EXPECTED_ITEMS}")
