@@ -191,7 +191,8 @@ class Calibrator:
         self.full_yy = full_yy
         self.seed = int(seed)
         self.device = _device_of(original_model)
-        self.batches = [b.to(self.device) for b in batches]
+        from .data import to_model_dtype  # the datasets give float32; float64/half models need their own dtype
+        self.batches = [b.to(self.device) for b in to_model_dtype(batches, original_model)]
         self.n_samples = sum(int(b.shape[0]) for b in self.batches)
         self.cache: dict[str, list[list[torch.Tensor]]] | None = None
         self.cache_bytes = 0
@@ -263,16 +264,19 @@ class Calibrator:
 
     # ----------------------------------------------------------------------------- statistics
 
-    def stats_for(self, target: Target, work_model: nn.Module | None = None, raw: bool = False) -> LayerStats:
+    def stats_for(self, target: Target, work_model: nn.Module | None = None, raw: bool = False,
+                  sequential: bool | None = None) -> LayerStats:
         """Statistics of ``target`` (its ``module`` must still be the ORIGINAL layer).
 
         ``work_model`` (needed in sequential mode) is the model being compressed, where layers
-        before ``target`` may already be replaced; ``raw=True`` also returns raw columns.
+        before ``target`` may already be replaced; ``raw=True`` also returns raw columns;
+        ``sequential=False`` forces original-model inputs for this call (allocation spectra use it).
         """
+        seq = self.sequential if sequential is None else bool(sequential)
         module = target.module
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise UnsupportedLayerError(f"{target.name}: calibration handles Conv2d/Linear, not {type(module).__name__}")
-        if self.sequential and work_model is None:
+        if seq and work_model is None:
             raise DataError("sequential calibration needs work_model (the partially compressed model)")
         W = target.matrix.to(self.device, torch.float64)
         m, k = W.shape
@@ -295,7 +299,7 @@ class Calibrator:
             xo_list = self._original_inputs(target.name, i)
             if not xo_list:
                 raise DataError(f"layer {target.name!r} is not called in the forward pass")
-            xw_list = self._work_inputs(work_model, target.name, i) if self.sequential else xo_list
+            xw_list = self._work_inputs(work_model, target.name, i) if seq else xo_list
             if len(xw_list) != len(xo_list):
                 raise DataError(f"layer {target.name!r} is called {len(xw_list)} times in the work model but "
                                 f"{len(xo_list)} times in the original")
@@ -307,19 +311,19 @@ class Calibrator:
                 L = layer_columns(module, xo[:1]).shape[-1]
                 keep = L if self.max_positions is None else min(L, self.max_positions)
                 positions = keep
-                step = max(1, CHUNK_BYTES // max(1, 8 * keep * (k + m) * (2 if self.sequential else 1)))
+                step = max(1, CHUNK_BYTES // max(1, 8 * keep * (k + m) * (2 if seq else 1)))
                 for s in range(0, N, step):
                     co = layer_columns(module, xo[s:s + step])          # (b, k, L)
-                    cw = layer_columns(module, xw[s:s + step]) if self.sequential else co
+                    cw = layer_columns(module, xw[s:s + step]) if seq else co
                     b = co.shape[0]
                     if keep < L:
                         # the same positions for x (work) and y (original): seeded per sample
                         idx = torch.stack([torch.randperm(L, generator=pos_gen)[:keep] for _ in range(b)])
                         idx = idx.to(self.device).unsqueeze(1).expand(b, k, keep)
                         co = co.gather(2, idx)
-                        cw = cw.gather(2, idx) if self.sequential else co
+                        cw = cw.gather(2, idx) if seq else co
                     Xo = co.transpose(0, 1).reshape(k, -1).to(torch.float64)
-                    Xw = cw.transpose(0, 1).reshape(k, -1).to(torch.float64) if self.sequential else Xo
+                    Xw = cw.transpose(0, 1).reshape(k, -1).to(torch.float64) if seq else Xo
                     Y = W @ Xo                                          # original pre-bias response
                     XX += Xw @ Xw.T
                     YX += Y @ Xw.T
@@ -328,7 +332,7 @@ class Calibrator:
                     x_sum += Xw.sum(1)
                     y_sum += Y.sum(1)
                     yy += float((Y * Y).sum())
-                    work_bytes = max(work_bytes, (Xo.numel() + Xw.numel() * self.sequential + Y.numel()) * 8)
+                    work_bytes = max(work_bytes, (Xo.numel() + Xw.numel() * seq + Y.numel()) * 8)
                     if raw:
                         # bottom-k sampling: a seeded random key per column, keep the smallest keys,
                         # which is a uniform sample without replacement over all columns seen
@@ -336,7 +340,7 @@ class Calibrator:
                         raw_keys, raw_X, raw_Y = self._keep_smallest(
                             torch.cat([raw_keys, keys]), torch.cat([raw_X, Xw.cpu()], 1), torch.cat([raw_Y, Y.cpu()], 1))
                     n += Xw.shape[1]
-        stats = LayerStats(target.name, target.kind, XX, YX, x_sum, y_sum, yy, n, self.sequential, YY,
+        stats = LayerStats(target.name, target.kind, XX, YX, x_sum, y_sum, yy, n, seq, YY,
                            positions_per_sample=positions,
                            info={"samples": self.n_samples, "max_positions": self.max_positions,
                                  "cache_bytes": self.cache_bytes})

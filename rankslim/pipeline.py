@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -261,9 +262,8 @@ def calibrate(selection: Selection, data: Any, *, calib_samples: int = 256, sequ
         return Calibration(sequential=sequential)
     from .data import calibration_batches
     batches = calibration_batches(data, calib_samples, seed=seed)
-    from . import data as data_mod
-    if hasattr(data_mod, "check_batches"):
-        data_mod.check_batches(selection.model, batches, selection.input_shape)
+    from .data import check_batches
+    check_batches(selection.model, batches, selection.input_shape)
     cal = Calibration(batches=batches, sequential=sequential)
     if selection.needs_data:
         from .calibrate import Calibrator
@@ -299,7 +299,8 @@ def cost_table(selection: Selection, calibration: Calibration | None = None, *, 
         if keep_head and selection.n_classes and t.kind == "linear" and t.out_shape[-1] == selection.n_classes:
             # a classifier that head detection did not single out (auxiliary heads): never below its classes
             floor = min(m.max_rank(t), selection.n_classes)
-        options.append(LayerOption(t.name, m.max_rank(t), t.dense_cost, (lambda r, t=t, m=m: m.cost(t, r)),
+        options.append(LayerOption(t.name, m.max_rank(t), t.per_sample(t.dense_cost),
+                                   (lambda r, t=t, m=m: t.per_sample(m.cost(t, r))),
                                    sigma, m.name, min_rank=floor))
     return CostTable(options, selection.original_cost, round_to=round_to, quantities=tuple(quantities) or ("params",))
 
@@ -406,7 +407,7 @@ def build(selection: Selection, allocation: Mapping[str, int | None], calibratio
     targets = selection.targets
     if not inplace:
         work = working_copy(work)
-        targets = [Target(t.name, work.get_submodule(t.name), t.kind, t.in_shape, t.out_shape) for t in targets]
+        targets = [dataclasses.replace(t, module=work.get_submodule(t.name)) for t in targets]
     scales = getattr(allocation, "scales", None) or {}
     gen = torch.Generator().manual_seed(seed)
     built = Built(work, [], [])
@@ -421,7 +422,7 @@ def build(selection: Selection, allocation: Mapping[str, int | None], calibratio
         for t in targets:
             m = selection.methods[t.name]
             r = allocation.get(t.name)
-            dense = t.dense_cost
+            dense = t.per_sample(t.dense_cost)
             if r is None:
                 built.rows.append(LayerRow(t.name, type(t.module).__name__, t.describe_shape(), "dense", "full",
                                            dense.params, dense.params, dense.macs, dense.macs))
@@ -440,7 +441,7 @@ def build(selection: Selection, allocation: Mapping[str, int | None], calibratio
                 layer, info = m.decompose(t, r, ctx)
                 replace_modules(work, {t.name: layer})
                 # measured on the built layer: a method may build below the planned rank (elbow rules)
-                c = model_cost(layer, t.in_shape).total
+                c = t.per_sample(model_cost(layer, t.in_shape).total)
                 rank_str = str(info.get("ranks", info.get("rank", r)))
                 built.rows.append(LayerRow(t.name, type(t.module).__name__, t.describe_shape(), m.name, rank_str,
                                            dense.params, c.params, dense.macs, c.macs, info,
