@@ -248,11 +248,22 @@ def inspect(
 
 @app.command()
 def methods() -> None:
-    """List the decomposition methods and rank allocators."""
+    """List the decomposition methods and rank allocators with their options (-M key=value, -A key=value)."""
+    from rich.markup import escape
+
     from . import ALLOCATORS, METHODS
+    console.print("[bold underline]methods[/] (--method NAME; options: -M key=value, or -M NAME.key=value "
+                  "for a method chosen with --methods)")
     for name, m in sorted(METHODS.items()):
-        console.print(f"[bold]{name}[/]: {m.description}{' (needs --data)' if m.needs_data else ''}")
-    console.print("allocators: " + ", ".join(sorted(ALLOCATORS)))
+        console.print(f"[bold]{name}[/]: {escape(m.description)}{' (needs --data)' if m.needs_data else ''}")
+        for line in m.option_help():
+            console.print(f"    {escape(line)}")
+    budgets = {"required": "needs --params/--macs", "none": "budget-free rule", "own": "its own value"}
+    console.print("\n[bold underline]allocators[/] (--allocator NAME; options: -A key=value)")
+    for name, a in sorted(ALLOCATORS.items()):
+        console.print(f"[bold]{name}[/]: {escape(a.description)} ({budgets[a.budget]})")
+        for line in a.option_help():
+            console.print(f"    {escape(line)}")
 
 
 from .cli_train import register as _register_train  # noqa: E402  (adds `finetune` and `train`)
