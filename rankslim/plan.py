@@ -253,6 +253,8 @@ def restore(path: str | os.PathLike, model: nn.Module, map_location: str = "cpu"
     """
     meta, shapes = _header(path)
     plan = _plan_from(path, meta)
+    from .io import unpack_state, unpacked_shapes  # sparse layers stored as values + support (io.save)
+    shapes = unpacked_shapes(path, meta, shapes)
     check_plan(model, plan)
     built = apply_plan(copy.deepcopy(model), plan)
     expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
@@ -269,6 +271,7 @@ def restore(path: str | os.PathLike, model: nn.Module, map_location: str = "cpu"
         state = load_file(str(path), device=map_location)
     except Exception as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
+    state = unpack_state(path, meta, state)
     try:
         built.load_state_dict(state, strict=True)
     except RuntimeError as exc:
