@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import rankslim
+from tests._measure import count_params
 from rankslim.cost import flop_counter_macs, model_cost, trace_shapes
 from rankslim.errors import RankError
 from rankslim.methods import DecomposeContext, get_method
@@ -94,9 +95,10 @@ def test_full_knob_reproduces_the_model(method: str) -> None:
 def test_compress_meets_budget_and_round_trips(method: str, budget: float, tmp_path) -> None:
     model, shape = _model(method)
     res = rankslim.compress(model, method, params=budget, keep_head=False, input_shape=shape, method_options={"n_iter": 20} if method == "cp" else None)
-    assert res.report.compressed.params <= budget * res.report.original.params
+    kept = count_params(res.model) / count_params(model)  # measured on the built module, ties counted once
+    assert kept <= budget + 1e-9
     # the spectra give CPTV something to work with on every knob step: the budget is used, not wasted
-    assert res.report.compressed.params >= 0.85 * budget * res.report.original.params
+    assert kept >= 0.85 * budget
     used = {row.method for row in res.report.rows}
     assert method in used
     # the report's costs are the built model's costs
