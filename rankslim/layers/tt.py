@@ -71,7 +71,8 @@ class TTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        b = int(math.prod(lead))
+        # -1, not a Python int, for the flattened batch: an ONNX export keeps its batch dimension dynamic
+        b = -1
         # T: (batch, M_<k, r_{k-1}, n_k, N_>k); starts with M = 1, r_0 = 1
         t = x.reshape(b, 1, 1, self.in_features)
         m_done = 1
