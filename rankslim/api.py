@@ -45,6 +45,10 @@ def compress(
     method_options: Mapping[str, Any] | None = None,
     bn_recalibrate: bool = False,
     progress: bool = False,
+    max_drop: float | str | None = None,
+    eval_data: Any = None,
+    finetune_epochs: int = 0,
+    finetune_options: Mapping[str, Any] | None = None,
 ) -> CompressionResult:
     """Compress ``model`` by replacing Conv2d/Linear layers with factorized ones.
 
@@ -74,6 +78,13 @@ def compress(
     Returns a :class:`CompressionResult` (model, plan, report, allocation); ``model`` is left
     untouched unless ``inplace=True``.
     ``input_shape`` is the per-sample shape, e.g. ``(3, 224, 224)``.
+
+    Accuracy target: ``max_drop=0.01`` (or ``"1%"``) returns the SMALLEST budget (fraction of ``params``, or
+    of ``macs`` when ``macs=`` is given; a given fraction is the largest allowed) whose model loses at most
+    that much top-1 accuracy on a held-out part of the TRAINING data (``eval_data``, else 10 % of ``data``)
+    — see :func:`rankslim.target.compress_within_drop`; ``report.metrics["max_drop_search"]`` lists what was
+    tried.  ``finetune_epochs=N`` fine-tunes the result (every candidate, with ``max_drop``) on ``data``,
+    distilling from the original; ``finetune_options`` go to :func:`rankslim.finetune`.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -89,6 +100,20 @@ def compress(
         raise RankslimError("input_shape is needed to count MACs: pass the per-sample shape, e.g. input_shape=(3, 224, 224)")
     if solver not in SOLVERS:
         raise OptionError(f"unknown SVD solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if max_drop is not None:
+        if ratio is not None or energy is not None or ranks is not None or inplace:
+            raise OptionError("max_drop searches a params/macs budget: it cannot be combined with ratio, energy, "
+                              "ranks or inplace=True")
+        from .target import compress_within_drop
+        return compress_within_drop(
+            model, input_shape, max_drop=max_drop, method=method, params=params, macs=macs, allocator=allocator,
+            allocator_options=allocator_options, methods=methods, method_options=method_options, include=include,
+            exclude=exclude, min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
+            data=data, eval_data=eval_data, calib_samples=calib_samples, sequential=sequential, solver=solver,
+            seed=seed, eval_fn=eval_fn, bn_recalibrate=bn_recalibrate, finetune_epochs=finetune_epochs,
+            finetune_options=finetune_options, progress=progress, spec=spec_str, dataset=dataset_name)
+    if eval_data is not None:
+        raise OptionError("eval_data is the held-out data of a max_drop search: pass max_drop=... too")
     budget = Budget(params=params, macs=macs)
     # every option is validated before any work starts
     alloc = choose_allocator(budget, ratio, energy, ranks, allocator, allocator_options)
@@ -114,9 +139,14 @@ def compress(
     built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
     timings["decompose"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return finalize(sel, built, allocation, cal, budget=budget, method=method,
-                    budget_request={"params": params, "macs": macs, "ratio": ratio, "energy": energy},
-                    bn_recalibrate=bn_recalibrate, timings=timings, was_training=was_training)
+    result = finalize(sel, built, allocation, cal, budget=budget, method=method,
+                      budget_request={"params": params, "macs": macs, "ratio": ratio, "energy": energy},
+                      bn_recalibrate=bn_recalibrate, timings=timings, was_training=was_training)
+    if finetune_epochs:
+        from .target import finetune_compressed
+        finetune_compressed(result, sel.original, data if data is not None else dataset_name, finetune_epochs,
+                            finetune_options, seed=seed, progress=progress)
+    return result
 
 
 __all__ = ["CompressionResult", "compress"]

@@ -150,6 +150,7 @@ def finetune(
     bn_recalibrate: bool = True,
     calib_samples: int = 512,
     freeze_zeros: bool = False,
+    train_samples: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -168,6 +169,8 @@ def finetune(
     ``calib_samples`` training inputs before training.  Masked weights never revive (see module doc).
     ``batch_size`` is the global batch (split across ranks under ``torchrun``).  ``checkpoint_dir``/``resume``:
     see :func:`rankslim.train.loop.fit`.  The user's model is copied unless ``inplace``.
+    ``train_samples``: train on a seeded random subset of this many of the (non-held-out) training samples
+    (drawn once; every epoch reshuffles the same subset) — a short recovery fine-tune.
     """
     if not 0.0 <= alpha <= 1.0:
         raise RankslimError(f"alpha (weight of the distillation term) must lie in [0, 1], got {alpha}")
@@ -178,6 +181,13 @@ def finetune(
         work = model if inplace else copy.deepcopy(model)
         work.to(ctx.device)
         train_set, val_set, hint = training_split(data, val_fraction, seed)
+        if train_samples is not None:
+            if int(train_samples) < 1:
+                raise RankslimError(f"train_samples must be a positive number of samples, got {train_samples}")
+            if int(train_samples) < len(train_set):
+                from torch.utils.data import Subset
+                pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + 7919))
+                train_set = Subset(train_set, sorted(pick[:int(train_samples)].tolist()))
         if isinstance(data, DataLoader) and hint and batch_size == 128:
             batch_size = hint
         t_model = None
@@ -233,6 +243,7 @@ def finetune(
                       seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
                       config={"kind": "finetune", "distill": t_model is not None, "temperature": temperature,
                               "alpha": alpha, "phased": phased, "val_fraction": val_fraction,
+                              "train_samples": train_samples,
                               "final_lr_factor": final_lr_factor, "freeze_zeros": freeze_zeros},
                       after_step=(lambda step: guard.apply()) if len(guard) else None, frozen=frozen_fn,
                       early_stop_from=early_from, progress=progress, desc="finetune", ctx=ctx)
