@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import BudgetError, OptionError
-from ..options import Opt, any_, bool_, describe, either, float_, int_, one_of, optional, validate
+from ..options import Opt, any_, bool_, describe, float_, int_, one_of, optional, validate
 from .base import Allocation, AllocationContext, Budget, CostTable, LayerOption, Ranks
 from .cobla import cobla_allocate
 from .pos import pos_cvx_allocate, pos_greedy_allocate

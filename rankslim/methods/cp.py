@@ -18,7 +18,7 @@ from ..cost import Cost
 from ..decompose.cp import DEFAULT_MAX_BYTES, cp_als
 from ..errors import RankError
 from ..layers.cp import CPConv2d
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, float_, int_, one_of
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .spatial import conv_geometry, separable_kernel_support

@@ -35,7 +35,7 @@ from ..cost import Cost
 from ..decompose.ddlr import DDLR_SOLVERS, ddlr, elbow_rank
 from ..decompose.svd import truncated_svd
 from ..errors import DataError, RankError, RankslimError
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, any_, float_, int_, one_of, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .svd import build_lowrank, lowrank_cost

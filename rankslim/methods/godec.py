@@ -24,7 +24,7 @@ from ..cost import Cost
 from ..decompose.godec import godec
 from ..decompose.prune import magnitude_prune
 from ..layers.sparse import SPARSE_NOTE, build_lowrank_sparse
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, bool_, int_
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..cost import Cost
 from ..decompose.grebdec import grebdec
 from ..layers.sparse import SPARSE_NOTE, build_lowrank_sparse
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, bool_, either, float_, int_, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .godec import ls_cost, ls_layer, ls_split

@@ -19,7 +19,7 @@ from ..cost import Cost
 from ..errors import RankslimError
 from ..decompose.prune import iht_prune, magnitude_prune
 from ..layers.sparse import SPARSE_NOTE, build_sparse
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, bool_, either, float_, int_, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 

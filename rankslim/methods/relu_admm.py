@@ -44,7 +44,7 @@ from ..decompose.relu_admm import relu_admm
 from ..decompose.svd import truncated_svd
 from ..errors import RankError, RankslimError
 from ..layers.sparse import build_lowrank_sparse
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, any_, float_, int_, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .ddlr import activation_for, conv_reason, raw_columns

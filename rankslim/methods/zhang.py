@@ -9,7 +9,7 @@ from torch import nn
 
 from ..cost import Cost
 from ..decompose.zhang import zhang_lowrank
-from ..options import Opt, any_, bool_, either, float_, int_, one_of, optional
+from ..options import Opt, bool_, float_
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .prune import corrected_bias, data_info, require_stats
