@@ -246,7 +246,7 @@ def whole_model(model: nn.Module, shape, targets, budgets: list[float], n_test: 
                 t0 = time.perf_counter()
                 row = {"scope": scope, "method": name, "conv_budget": b, "whole_params_fraction": frac}
                 try:
-                    res = rankslim.compress(model, name, params=frac, include=[t.name for t in inc], input_shape=shape,
+                    res = rankslim.compress(model, name, params=frac, include=[t.name for t in inc], input_shape=shape, keep_head=False,
                                             method_options={"n_iter": 10 if quick else CP_ITERS_MODEL, "tol": 1e-6})
                 except Exception as exc:
                     out["rows"].append({**row, "error": f"{type(exc).__name__}: {exc}"})

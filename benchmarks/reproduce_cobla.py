@@ -9,9 +9,9 @@ Randomised allocators (cobla, bayes) run with 3 seeds.  vbmf and gavish-donoho c
 budget: they run once per scheme and are plotted at the cost they choose.
 
 COBLA is reported twice: ``cobla`` is the paper's procedure (ranks from randomized rounding *and*
-the kept singular values scaled by m_hat, applied with ``apply_allocation_weights``) and
-``cobla-ranks`` uses its ranks with plain truncation (what ``compress(allocator="cobla")`` builds
-until compress applies ``Allocation.scales``).  Calibration: 256 training images (seed = run seed).
+the kept singular values scaled by m_hat, which the build stage hands to the method) and
+``cobla-ranks`` uses its ranks with plain truncation (``compress(allocator="cobla",
+allocator_options={"scale": False})``).  Both are built from ONE allocation (pipeline stages).  Calibration: 256 training images (seed = run seed).
 
 COBLA's SQP runs 20 SLSQP iterations in 2 rounds on 2 random calibration batches each.
 A timing run of COBLA's SQP on torchvision ResNet-50 (random weights, data-free "weights" loss,
@@ -25,9 +25,7 @@ SLSQP capped at 20 iterations and 2000 mask variables) is included.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -64,90 +62,57 @@ def fallback_methods(model: nn.Module, scheme: str) -> dict[str, str] | None:
     return out
 
 
-class Capture:
-    """Wraps a registered allocator to keep its returned Allocation (info, scales) and its context."""
-
-    def __init__(self, name: str) -> None:
-        import inspect
-
-        from rankslim.allocate import ALLOCATORS
-        self.name, self.orig, self.last = name, ALLOCATORS[name], None
-        if "context" in inspect.signature(self.orig).parameters:
-            def wrapped(table, budget, *, context, **kw):
-                self.last = self.orig(table, budget, context=context, **kw)
-                return self.last
-        else:
-            def wrapped(table, budget, **kw):
-                self.last = self.orig(table, budget, **kw)
-                return self.last
-        self.wrapped = wrapped
-
-    def __enter__(self):
-        from rankslim.allocate import ALLOCATORS
-        ALLOCATORS[self.name] = self.wrapped
-        return self
-
-    def __exit__(self, *exc):
-        from rankslim.allocate import ALLOCATORS
-        ALLOCATORS[self.name] = self.orig
-
-
 def _jsonable_info(info: dict) -> dict:
     drop = {"relaxed_ranks", "sensitivity", "rule_ranks"}
     return {k: v for k, v in info.items() if k not in drop}
 
 
 def run_one(model, spec, scheme, alloc, budget, seed, test, input_shape):
-    """Compress with one allocator; returns a list of result rows (cobla gives two: scaled and ranks-only)."""
-    import rankslim
-    from rankslim.allocate import apply_allocation_weights
-    from rankslim.cost import trace_shapes
+    """Compress with one allocator; returns a list of result rows (cobla gives two: scaled and ranks-only).
+
+    Runs the stages of :mod:`rankslim.pipeline` once (select -> calibrate -> cost table -> allocate); COBLA's
+    allocation is then built twice: with its singular-value scales ("cobla", the paper's second step
+    ``P_j <- m_hat_j P_j``) and with plain truncation at the same ranks ("cobla-ranks").
+    """
+    from rankslim import pipeline
+    from rankslim.allocate import Allocation, Budget, get_allocator
     from rankslim.data import evaluate_accuracy
-    from rankslim.surgery import select_targets
 
     methods = fallback_methods(model, scheme)
-    with Capture(alloc) as cap:
-        t0 = time.perf_counter()
-        res = rankslim.compress(model, scheme, methods=methods, params=budget, macs=budget, allocator=alloc,
-                                data="fashion-mnist", calib_samples=CALIB, seed=seed,
-                                allocator_options=dict(OPTIONS.get(alloc) or {}, **({"scale_weights": False} if alloc == "cobla" else {})),
-                                input_shape=input_shape)  # cobla-ranks: plain truncation; scaling is the second row
+    b = Budget(params=budget, macs=budget)
+    t0 = time.perf_counter()
+    sel = pipeline.select(model, input_shape, scheme, methods=methods, keep_head=False)  # the paper compresses every layer
+    allocator = get_allocator(alloc, OPTIONS.get(alloc))
+    cal = pipeline.calibrate(sel, "fashion-mnist", calib_samples=CALIB, seed=seed, want_batches=allocator.needs_context)
+    table = pipeline.cost_table(sel, cal, quantities=b.quantities)
+    t1 = time.perf_counter()
+    allocation = pipeline.allocate(sel, table, allocator, b, calibration=cal, seed=seed)
+    allocate_seconds = time.perf_counter() - t1
+    variants = [("cobla-ranks" if alloc == "cobla" else alloc, Allocation(dict(allocation), info=allocation.info))]
+    if alloc == "cobla" and allocation.scales:
+        variants.append(("cobla", allocation))
+    rows, res = [], None
+    for name, a in variants:
+        built = pipeline.build(sel, a, cal, seed=seed, inplace=False)
+        res = pipeline.finalize(sel, built, a, cal, budget=b, method=scheme, budget_request={"params": budget, "macs": budget})
         wall = time.perf_counter() - t0
-    allocation = cap.last
-    f = res.report.fractions()
-    base = {"model": spec, "scheme": scheme, "eta": budget, "seed": seed, "params": f["params"], "macs": f["macs"],
-            "allocate_seconds": res.report.seconds["allocate"], "compress_seconds": wall,
-            "ranks": {r.name: r.rank for r in res.report.rows},
-            "info": _jsonable_info(getattr(allocation, "info", {}))}
-    rows = []
-    acc = evaluate_accuracy(res.model, test, max_samples=TEST_IMAGES)
-    name = "cobla-ranks" if alloc == "cobla" else alloc
-    rows.append(dict(base, allocator=name, accuracy=acc))
-    if alloc == "cobla" and getattr(allocation, "scales", None):
-        # the paper's second step: P_j <- m_hat_j P_j on the kept triplets, then the same ranks
-        scaled = copy.deepcopy(model)
-        targets, _ = select_targets(scaled, trace_shapes(scaled, input_shape))
-        meth = {t.name: ((methods or {}).get(t.name, scheme)) for t in targets}
-        apply_allocation_weights(targets, meth, allocation)
-        ranks = {n: int(r) for n, r in allocation.items() if r is not None}
-        res2 = rankslim.compress(scaled, scheme, methods=methods, ranks=ranks, input_shape=input_shape)
-        f2 = res2.report.fractions()
-        assert abs(f2["params"] - f["params"]) < 1e-12 and abs(f2["macs"] - f["macs"]) < 1e-12
-        acc2 = evaluate_accuracy(res2.model, test, max_samples=TEST_IMAGES)
-        rows.append(dict(base, allocator="cobla", accuracy=acc2))
-        res = res2
+        f = res.report.fractions()
+        acc = evaluate_accuracy(res.model, test, max_samples=TEST_IMAGES)
+        rows.append({"model": spec, "scheme": scheme, "eta": budget, "seed": seed, "params": f["params"],
+                     "macs": f["macs"], "allocate_seconds": allocate_seconds, "compress_seconds": wall,
+                     "ranks": {r.name: r.rank for r in res.report.rows}, "info": _jsonable_info(allocation.info),
+                     "allocator": name, "accuracy": acc})
     return rows, res
 
 
 def resnet50_sqp_timing(maxiter: int = 20, max_vars: int = 2000) -> dict:
     """COBLA's SQP on torchvision ResNet-50 (random weights, data-free loss): solver and total times."""
     import rankslim
-    with Capture("cobla") as cap:
-        t0 = time.perf_counter()
-        res = rankslim.compress("torchvision:resnet50", "svd", params=0.5, macs=0.5, allocator="cobla",
-                                allocator_options={"maxiter": maxiter, "max_vars": max_vars, "loss": "weights"})
-        wall = time.perf_counter() - t0
-    info = _jsonable_info(cap.last.info)
+    t0 = time.perf_counter()
+    res = rankslim.compress("torchvision:resnet50", "svd", params=0.5, macs=0.5, allocator="cobla", keep_head=False,
+                            allocator_options={"maxiter": maxiter, "max_vars": max_vars, "loss": "weights"})
+    wall = time.perf_counter() - t0
+    info = _jsonable_info(res.allocation.info)
     return {"model": "torchvision:resnet50 (random weights)", "budget": 0.5, "loss": "weights (data-free, synthetic)",
             "targets": len(res.report.rows), "sqp_seconds": info["sqp_seconds"],
             "allocate_seconds": res.report.seconds["allocate"], "compress_seconds": wall,
