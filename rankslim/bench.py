@@ -7,10 +7,11 @@ What is measured (all on CPU):
   untimed passes; ``repeats`` timed passes give the median and the inter-quartile range (IQR, p75 - p25).
   ``threads`` is the intra-op thread count (``torch.set_num_threads`` / ONNX Runtime ``intra_op_num_threads``),
   restored afterwards.
-* **peak memory** (``peak_mem_bytes``): growth of the process's resident set during the first (cold) forward
-  pass — Linux ``VmHWM`` reset through ``/proc/self/clear_refs`` minus ``VmRSS`` before the call.  It counts
-  the activations and workspace the pass takes from the operating system (not the weights, already resident);
-  ``None`` where ``/proc`` does not allow it.  ``model_bytes`` is the weights' and buffers' size.
+* **peak memory** (``peak_mem_bytes``): growth of the process's resident set during one forward pass after
+  the warm-up — freed heap handed back to the OS first (glibc ``malloc_trim``), then Linux ``VmHWM`` reset
+  through ``/proc/self/clear_refs``, minus ``VmRSS`` before the call.  It counts the activations and workspace
+  the pass takes from the operating system (not the weights, already resident); memory an allocator keeps
+  cached between passes is not counted; ``None`` where ``/proc`` does not allow it.  ``model_bytes`` is the weights' and buffers' size.
 * **per layer** (eager only): forward pre/post hooks time each named layer inside the whole forward pass
   (median over the repeats, milliseconds per batch); MACs of each layer counted by ``FlopCounterMode``.
 * **efficiency** = measured speedup ÷ MAC reduction, where speedup = original median / compressed median and
@@ -84,9 +85,18 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand freed heap back, so a pass's needs show in its RSS
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_growth(fn) -> tuple[Any, int | None]:
     """Run ``fn()`` and return ``(its result, peak resident-set growth in bytes during the call)`` (``None``
-    when the platform cannot reset the peak)."""
+    when the platform cannot reset the peak).  Freed heap memory is returned to the OS first (glibc)."""
+    _trim_heap()
     ok = _reset_peak()
     before = _proc_kb("VmRSS")
     out = fn()
@@ -181,9 +191,9 @@ class _LayerTimer:
 
 
 def _time_calls(call, warmup: int, repeats: int, after_each=None) -> tuple[list[float], int | None]:
-    _, peak = peak_rss_growth(call)  # the cold first pass: what it takes from the OS
     for _ in range(warmup):
         call()
+    _, peak = peak_rss_growth(call)  # after warm-up (one-time initialisation excluded), heap trimmed first
     if after_each is not None:
         after_each(reset=True)
     samples = []

@@ -7,6 +7,7 @@ stays dynamic and is checked at two batch sizes.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -109,9 +110,15 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp.onnx")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process goes to the root logger, not to our users
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise RankslimError(f"int8 quantization of {src} failed: {exc}") from exc
@@ -164,8 +171,14 @@ def export_file(path: str | os.PathLike, onnx_out: str | os.PathLike, *, int8: b
         raise RankslimError(f"{p} records no input shape: pass --input-shape, e.g. 3,224,224")
     net = io.load(p, model=model)
     out = Path(onnx_out)
-    chk = export_onnx(net, shape, out)
-    res = ExportResult(chk)
+    tmp = out.with_name(out.name + ".tmp.onnx")
+    try:
+        chk = export_onnx(net, shape, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)  # only a checked file takes the name
+    res = ExportResult(ExportCheck(out, chk.bytes, chk.max_abs_diff))
     files = {"fp32": out}
     if int8:
         q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))

@@ -25,7 +25,8 @@ from .errors import RankslimError
 MARKER = ".rankslim-output"
 MARKER_VERSION = 1
 #: every file name rankslim writes into an output directory; nothing else there is ever touched
-OUR_NAMES = frozenset({"model.rankslim", "report.json", "report.md", "model.onnx", "energy.png", MARKER})
+OUR_NAMES = frozenset({"model.rankslim", "report.json", "report.md", "model.onnx", "energy.png", "bench.json",
+                       "bench.md", MARKER})
 #: where outputs go when no directory is named
 DEFAULT_ROOT = Path("rankslim-out")
 

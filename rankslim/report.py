@@ -40,7 +40,9 @@ class Report:
     """The report of one :func:`rankslim.compress` call.
 
     ``original``/``compressed`` are whole-model costs; ``targeted_before``/``targeted_after`` the
-    same restricted to the target layers; ``budget`` the requested fractions.
+    same restricted to the target layers; ``budget`` the requested fractions.  ``metrics["latency"]``
+    (optional, filled by :func:`rankslim.bench.add_latency`) holds measured latency of original vs
+    compressed; ``to_markdown`` shows it as a section of its own.
     """
 
     rows: list[LayerRow]
@@ -105,6 +107,8 @@ class Report:
         if req:
             lines.append("budget: " + ", ".join(f"{k} <= {v:g}" for k, v in req.items()))
         for k, v in self.metrics.items():
+            if k == "latency":  # a section of its own in to_markdown
+                continue
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return lines
 
@@ -116,6 +120,9 @@ class Report:
         if self.skipped:
             lines += ["", "## Skipped layers", "", "| layer | type | reason |", "|---|---|---|"]
             lines += [f"| {s['name']} | {s['type']} | {s['reason']} |" for s in self.skipped]
+        if self.metrics.get("latency"):
+            from .bench import latency_markdown
+            lines += ["", "## Latency (measured)", "", latency_markdown(self.metrics["latency"]).rstrip("\n")]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         if self.seconds:
