@@ -17,7 +17,8 @@ import torch
 REL_ZERO = 1e-12
 
 
-def gram_svd(W: torch.Tensor, rank: int | None = None, *, left: bool = True, right: bool = True
+def gram_svd(W: torch.Tensor, rank: int | None = None, *, left: bool = True, right: bool = True,
+             eig: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Top-``rank`` SVD ``W ≈ U diag(S) Vh`` of ``W: (m, n)`` from ``eigh`` of the smaller Gram matrix.
 
@@ -27,14 +28,21 @@ def gram_svd(W: torch.Tensor, rank: int | None = None, *, left: bool = True, rig
     the spectrum).  The factor on the Gram side is an exact orthonormal eigenbasis; the other one is
     ``W E / S`` and has zero columns for singular values ``<= 1e-12 · S[0]`` (rank-deficient ``W``),
     so ``U diag(S) Vh`` is still the best rank-``r`` approximation.
+    ``eig``: ``torch.linalg.eigh`` of that Gram matrix when already known (a cache), skipping both
+    the product and the eigendecomposition.
     """
     m, n = W.shape
     r = min(m, n) if rank is None else int(rank)
     wide = m <= n
-    G = W @ W.T if wide else W.T @ W
-    if not (left or right):
-        return None, torch.linalg.eigvalsh(G).flip(0)[:r].clamp_min(0).sqrt(), None
-    lam, E = torch.linalg.eigh(G)
+    if eig is None:
+        G = W @ W.T if wide else W.T @ W
+        if not (left or right):
+            return None, torch.linalg.eigvalsh(G).flip(0)[:r].clamp_min(0).sqrt(), None
+        lam, E = torch.linalg.eigh(G)
+    else:
+        lam, E = eig
+        if not (left or right):
+            return None, lam.flip(0)[:r].clamp_min(0).sqrt(), None
     lam, E = lam.flip(0)[:r], E.flip(1)[:, :r]
     S = lam.clamp_min(0).sqrt()
     # the Gram side needs no division; the other side is only formed when asked for
