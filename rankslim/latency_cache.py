@@ -278,5 +278,17 @@ def snap_ranks(table, ranks: Mapping[str, int | None], measured: Mapping[str, Ma
     return out
 
 
-__all__ = ["CACHE_ENV", "LatencyCache", "LatencyKey", "cache_dir", "cpu_model", "interpolate", "layer_at_rank",
+def fastest_ranks(table, measured: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
+    """Each layer at its measured-fastest sampled rank when that is faster than dense (largest rank on ties),
+    else dense: the fastest model the measurements know of, for a time budget that cannot be met."""
+    out: dict[str, int | None] = {}
+    for lo in table.layers:
+        m = measured.get(lo.name, {})
+        times = {r: t for r, t in m.get("ranks", {}).items() if lo.min_rank <= r <= lo.max_rank}
+        best = min(times.items(), key=lambda kv: (kv[1], -kv[0]), default=None)
+        out[lo.name] = best[0] if best is not None and m.get("dense") and best[1] < m["dense"] else None
+    return out
+
+
+__all__ = ["CACHE_ENV", "fastest_ranks", "LatencyCache", "LatencyKey", "cache_dir", "cpu_model", "interpolate", "layer_at_rank",
            "layer_geometry", "machine_key", "measure_layer", "rank_grid", "snap_ranks", "speed_aware_table"]
