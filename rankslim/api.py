@@ -49,6 +49,8 @@ def compress(
     eval_data: Any = None,
     finetune_epochs: int = 0,
     finetune_options: Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    transform: Callable[[Any], Any] | None = None,
 ) -> CompressionResult:
     """Compress ``model`` by replacing Conv2d/Linear layers with factorized ones.
 
@@ -77,7 +79,13 @@ def compress(
 
     Returns a :class:`CompressionResult` (model, plan, report, allocation); ``model`` is left
     untouched unless ``inplace=True``.
-    ``input_shape`` is the per-sample shape, e.g. ``(3, 224, 224)``.
+    ``input_shape`` is the per-sample shape, e.g. ``(3, 224, 224)``.  Models that do not take one
+    float tensor get ``example_inputs`` instead: a tensor of any dtype (token ids ``(1, T)``), a tuple
+    (positional inputs) or a dict (keyword inputs, e.g. ``input_ids`` / ``attention_mask``); MACs are
+    then counted per sample on its first sample (per sequence of ``T`` tokens; the report also gives
+    MACs per token).  Without either, the shape is taken from the first calibration sample of ``data``.
+    ``transform`` maps each item (or DataLoader batch) of ``data`` to model inputs, as NNCF's
+    ``Dataset(data, transform_fn)``.
 
     Accuracy target: ``max_drop=0.01`` (or ``"1%"``) returns the SMALLEST budget (fraction of ``params``, or
     of ``macs`` when ``macs=`` is given; a given fraction is the largest allowed) whose model loses at most
@@ -96,8 +104,13 @@ def compress(
         spec_str, dataset_name = ms.spec, ms.dataset
         model = ms.model
         input_shape = input_shape or ms.input_shape
-    if input_shape is None:
-        raise RankslimError("input_shape is needed to count MACs: pass the per-sample shape, e.g. input_shape=(3, 224, 224)")
+    if input_shape is None and example_inputs is None and data is not None and not isinstance(data, str):
+        # the model's input is whatever the data yields: its first sample is the example
+        from .data import calibration_batches
+        example_inputs = calibration_batches(data, 1, seed=seed, transform=transform)[0]
+    if input_shape is None and example_inputs is None:
+        raise RankslimError("input_shape is needed to count MACs: pass the per-sample shape, e.g. input_shape=(3, 224, 224), "
+                            "or example_inputs (token ids of shape (1, T), a tuple or a dict of tensors), or data")
     if solver not in SOLVERS:
         raise OptionError(f"unknown SVD solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if max_drop is not None:
@@ -121,12 +134,12 @@ def compress(
 
     sel = select(model, input_shape, method, methods=methods, method_options=method_options, include=include,
                  exclude=exclude, min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, inplace=inplace,
-                 spec=spec_str, dataset=dataset_name)
+                 spec=spec_str, dataset=dataset_name, example_inputs=example_inputs)
     timings["select"] = time.perf_counter() - t_start
     t0 = time.perf_counter()
     wants_batches = bn_recalibrate or (alloc is not None and alloc.needs_context)
     cal = calibrate(sel, data, calib_samples=calib_samples, sequential=sequential, seed=seed,
-                    want_batches=wants_batches)
+                    want_batches=wants_batches, transform=transform)
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Factorizing a layer shifts the mean and variance of what its BatchNorm sees; re-estimating the running
 statistics on a few hundred calibration inputs corrects that shift without any training.  The estimate
-itself is :func:`torch.optim.swa_utils.update_bn` (cumulative averages over every batch).
+is that of :func:`torch.optim.swa_utils.update_bn` (cumulative averages over every batch), for inputs of
+any form (tensor, tuple or dict batches).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
 
 from .errors import DataError
+from .inputs import Inputs, call_model, tensors, to_model
 
 
 class _OnlyBatchNormTrains(nn.Module):
@@ -34,20 +35,28 @@ class _OnlyBatchNormTrains(nn.Module):
             m.train(mode)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
+    def forward(self, x: Inputs) -> torch.Tensor:
+        return call_model(self.inner, x)
 
 
-def _finite(batches: Iterable, device: torch.device) -> Iterator[torch.Tensor]:
-    """The model inputs of ``batches`` (a tensor, or the first element of a tuple/list) on ``device``; refuses NaN/Inf."""
+def _finite(batches: Iterable, model: nn.Module) -> Iterator[Inputs]:
+    """The model inputs of ``batches`` on the model's device/dtype; refuses NaN/Inf.
+
+    A batch is a tensor, a dict of tensors (keyword inputs) or a tuple/list: ``(inputs, labels)``
+    pairs give their first element when it is a tensor (the documented form), else the tuple is taken
+    as positional inputs.
+    """
     for i, b in enumerate(batches):
-        x = b[0] if isinstance(b, (list, tuple)) else b
-        if not isinstance(x, torch.Tensor):
+        # (inputs, labels): labels are one value per sample (B,); positional pairs such as (ids, mask) are (B, T)
+        is_pair = (isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[0], (torch.Tensor, dict))
+                   and isinstance(b[1], torch.Tensor) and b[1].dim() == 1)
+        x = b[0] if is_pair else b
+        if not tensors(x):
             raise DataError(f"calibration batch {i} is a {type(x).__name__}, not a tensor of model inputs")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors(x)):
             raise DataError(f"calibration batch {i} holds NaN or Inf values; BatchNorm statistics would be "
                             "poisoned. Clean the calibration data first.")
-        yield x.to(device)
+        yield to_model(x, model)
 
 
 @torch.no_grad()
@@ -64,10 +73,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         return 0
     modes = [(m, m.training) for m in model.modules()]
     saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     try:
-        update_bn(_finite(batches, device), _OnlyBatchNormTrains(model, bns))
+        _update_bn(_finite(batches, model), _OnlyBatchNormTrains(model, bns), bns)
     except BaseException:
         # a refused (or failing) batch part-way through must not leave half-estimated statistics behind
         for m, mom, bufs in saved:
@@ -79,6 +86,22 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         for m, mode in modes:
             m.training = mode
     return len(bns)
+
+
+def _update_bn(batches: Iterable[Inputs], wrapped: _OnlyBatchNormTrains, bns: list[nn.Module]) -> None:
+    """``torch.optim.swa_utils.update_bn`` for inputs of any form: running statistics reset, then
+    cumulative averages (``momentum=None``) over every batch; each BN's momentum is restored."""
+    momenta = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    wrapped.train()
+    try:
+        for x in batches:
+            wrapped(x)
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
 
 
 __all__ = ["recalibrate_bn"]

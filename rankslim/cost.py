@@ -15,13 +15,18 @@ so the model-wide counter never needs to know every layer type.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Iterator, Union
 
 import torch
 from torch import nn
 
 from .errors import InputShapeError
+from .inputs import Inputs, call_model, describe, example_from, is_inputs, tensors
+
+#: what the cost functions run the model on: a per-sample shape (zero float input) or example inputs (batch of 1)
+ShapeOrExample = Union[tuple[int, ...], Inputs]
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,18 @@ def conv2d_macs(conv: nn.Conv2d, out_shape: tuple[int, ...]) -> int:
     return int(h * w * c_out * (conv.in_channels // conv.groups) * kh * kw)
 
 
+def conv1d_macs(conv: nn.Conv1d, out_shape: tuple[int, ...]) -> int:
+    """MACs of a Conv1d for one sample whose output is ``out_shape`` = (C_out, L_out)."""
+    c_out, length = out_shape[-2:]
+    return int(length * c_out * (conv.in_channels // conv.groups) * conv.kernel_size[0])
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's GPT-2 ``Conv1D``: a Linear with a transposed ``weight: (in, out)`` (``y = x W + b``)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
 def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:
     """MACs of a Linear for one sample whose output is ``out_shape`` = (..., out_features)."""
     positions = _numel_prod(out_shape[:-1])
@@ -82,6 +99,12 @@ def leaf_cost(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int
         return Cost(own_params(module), conv2d_macs(module, out_shape))
     if isinstance(module, nn.Linear):
         return Cost(own_params(module), linear_macs(module, out_shape))
+    if isinstance(module, nn.Conv1d):
+        return Cost(own_params(module), conv1d_macs(module, out_shape))
+    if is_hf_conv1d(module):
+        k, m = module.weight.shape
+        positions = _numel_prod(out_shape[:-1])
+        return Cost(own_params(module), int(positions * k * m))
     return None
 
 
@@ -98,6 +121,9 @@ class LayerShapes:
     inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calls: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = field(default_factory=dict)
+    #: first-call ``(input, output)`` tensors (batch of 1) of layers whose replacement must be verified
+    #: (subclasses, Conv1d, GPT-2 Conv1D: see :func:`rankslim.surgery.layer_view`)
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def n_calls(self, name: str) -> int:
         """How many times module ``name`` ran in the traced forward pass (0 if never)."""
@@ -108,8 +134,14 @@ class LayerShapes:
         return len(set(self.calls.get(name, ()))) > 1
 
 
-def make_input(input_shape: tuple[int, ...], batch: int = 1, model: nn.Module | None = None) -> torch.Tensor:
-    """A zero input of shape ``(batch, *input_shape)`` on the model's device and dtype."""
+def make_input(input_shape: ShapeOrExample, batch: int = 1, model: nn.Module | None = None) -> Inputs:
+    """A zero input of shape ``(batch, *input_shape)`` on the model's device and dtype.
+
+    ``input_shape`` may instead be example inputs (a tensor of any dtype, tuple or dict of tensors,
+    batch of 1): they are returned on the model's device (floating tensors in its dtype).
+    """
+    if is_inputs(input_shape):
+        return example_from(input_shape, None, model) if model is not None else input_shape
     device, dtype = torch.device("cpu"), torch.float32
     if model is not None:
         p = next(iter(model.parameters()), None)
@@ -119,11 +151,46 @@ def make_input(input_shape: tuple[int, ...], batch: int = 1, model: nn.Module | 
     return torch.zeros((batch, *input_shape), device=device, dtype=dtype)
 
 
-def trace_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> LayerShapes:
+@contextlib.contextmanager
+def no_fused_attention() -> Iterator[None]:
+    """Turn off PyTorch's fused transformer fast path (``torch.backends.mha``) for the duration.
+
+    In eval mode ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` may run one fused kernel
+    that never calls their Linear children and that ``FlopCounterMode`` does not see; costs are
+    counted on the standard path, which computes the same function.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _needs_sample(module: nn.Module) -> bool:
+    """Layers whose rebuilt form is verified on the traced inputs: subclasses, Conv1d and GPT-2 Conv1D."""
+    return (isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and type(module) not in (nn.Linear, nn.Conv2d)) \
+        or is_hf_conv1d(module)
+
+
+def _describe_input(input_shape: ShapeOrExample) -> str:
+    if is_inputs(input_shape):
+        return describe(input_shape)
+    return f"an input of shape (1, {', '.join(map(str, input_shape))})"
+
+
+def trace_shapes(model: nn.Module, input_shape: ShapeOrExample) -> LayerShapes:
     """Run one sample through ``model`` (eval mode, no grad) and record every module's shapes.
 
-    ``inputs``/``outputs`` keep the first call's shapes; every call (modules reused in a forward
-    pass run several times) is listed in ``calls``.  The model's train/eval mode is restored afterwards.
+    ``input_shape``: the per-sample shape (a zero float input is used) or example inputs (a batch of
+    one: tensor of any dtype, tuple or dict of tensors).  ``inputs``/``outputs`` keep the first call's
+    shapes; every call (modules reused in a forward pass run several times) is listed in ``calls``;
+    ``samples`` keeps the tensors of layers whose replacement is verified.  The model's train/eval
+    mode is restored afterwards.
     """
     shapes = LayerShapes()
     handles = []
@@ -135,6 +202,9 @@ def trace_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> LayerShapes:
             shapes.calls.setdefault(name, []).append((i, o))
             if name in shapes.inputs or name in shapes.outputs:
                 return
+            if (_needs_sample(mod) and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                    and isinstance(out, torch.Tensor)):
+                shapes.samples[name] = (args[0].detach().clone(), out.detach().clone())
             if args and isinstance(args[0], torch.Tensor):
                 shapes.inputs[name] = i
             if isinstance(out, torch.Tensor):
@@ -146,13 +216,13 @@ def trace_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> LayerShapes:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(make_input(tuple(input_shape), 1, model))
+        with torch.no_grad(), no_fused_attention():
+            call_model(model, make_input(_shape_or_example(input_shape), 1, model))
     except Exception as exc:  # the model's own error is the most useful message
-        raise InputShapeError(
-            f"the model failed on an input of shape (1, {', '.join(map(str, input_shape))}): {exc}. "
-            "Pass the per-sample input shape the model expects (e.g. --input-shape 3,224,224)."
-        ) from exc
+        hint = ("Pass the per-sample input shape the model expects (e.g. --input-shape 3,224,224), or example "
+                "inputs (example_inputs=token_ids of shape (1, T), a tuple or a dict) for models that take "
+                "token ids or several inputs.")
+        raise InputShapeError(f"the model failed on {_describe_input(input_shape)}: {exc}. {hint}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -169,7 +239,7 @@ def _counted_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
         if callable(getattr(mod, "rankslim_cost", None)):
             skip_prefixes.append(name + "." if name else "")
             yield name, mod
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+        elif isinstance(mod, (nn.Conv2d, nn.Linear, nn.Conv1d)) or is_hf_conv1d(mod):
             yield name, mod
 
 
@@ -181,8 +251,13 @@ class ModelCost:
     layers: dict[str, Cost]
 
 
-def model_cost(model: nn.Module, input_shape: tuple[int, ...], shapes: LayerShapes | None = None) -> ModelCost:
-    """Parameters and MACs of ``model`` for one sample of ``input_shape`` (no batch dim).
+def _shape_or_example(x: ShapeOrExample) -> ShapeOrExample:
+    return x if is_inputs(x) else tuple(int(s) for s in x)
+
+
+def model_cost(model: nn.Module, input_shape: ShapeOrExample, shapes: LayerShapes | None = None) -> ModelCost:
+    """Parameters and MACs of ``model`` for one sample of ``input_shape`` (no batch dim), or on example
+    inputs (a batch of one; see :func:`trace_shapes`).
 
     Parameters count every parameter object of the model once, however many modules or names
     share it (as ``model.parameters()`` does); custom sparse layers count COO storage.  MACs count
@@ -220,17 +295,22 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...], shapes: LayerShap
     return ModelCost(Cost(plain + custom_params, total_macs), layers)
 
 
-def flop_counter_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """MACs per sample as ``torch.utils.flop_counter.FlopCounterMode`` counts them (FLOPs / 2)."""
+def flop_counter_macs(model: nn.Module, input_shape: ShapeOrExample) -> int:
+    """MACs per sample as ``torch.utils.flop_counter.FlopCounterMode`` counts them (FLOPs / 2), on a
+    zero input of the per-sample ``input_shape`` or on example inputs (batch of one).
+
+    PyTorch's fused transformer fast path is off meanwhile (:func:`no_fused_attention`): the counter
+    does not see inside it.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(make_input(tuple(input_shape), 1, model))
+        with torch.no_grad(), no_fused_attention(), FlopCounterMode(display=False) as fc:
+            call_model(model, make_input(_shape_or_example(input_shape), 1, model))
     except Exception as exc:
-        raise InputShapeError(f"the model failed on input shape {tuple(input_shape)}: {exc}") from exc
+        raise InputShapeError(f"the model failed on {_describe_input(input_shape)}: {exc}") from exc
     finally:
         model.train(was_training)
     return int(fc.get_total_flops() // 2)

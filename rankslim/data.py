@@ -18,7 +18,7 @@ import functools
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import DataError
+from .inputs import (Inputs, batch_size as _batch_size, call_model, concat_batches, map_tensors, primary, slice_batch,
+                     split_batch, stack_samples, tensors as _tensors, to_model)
 
 #: where Debian's dataset-fashion-mnist package puts the idx files
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -196,8 +198,12 @@ def load_dataset(name: str, split: str = "train") -> TensorDataset:
 
 
 #: what calibration data may yield, quoted in every error about it
-EXPECTED_ITEMS = ("a tensor of model inputs, or (inputs, labels, ...) tuples/lists whose first element is the input "
-                  "tensor")
+EXPECTED_ITEMS = ("a tensor of model inputs, (inputs, labels, ...) tuples/lists whose first element is the input "
+                  "tensor, or dicts of tensors (keyword inputs such as input_ids / attention_mask; 'label(s)' keys are "
+                  "dropped); anything else through transform=fn mapping an item to model inputs")
+
+#: dict keys that hold targets, not model inputs: dropped from dict items (an HF base model takes no labels)
+LABEL_KEYS = ("label", "labels")
 
 
 def _describe(obj: Any) -> str:
@@ -213,42 +219,83 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _not_understood(item: Any) -> DataError:
-    hint = (" (for dict batches, e.g. from a Hugging Face dataset, wrap the data so each item is the model's input "
-            "tensor or an (input, label) pair)" if isinstance(item, Mapping) else "")
-    return DataError(f"calibration data yielded {_describe(item)}; expected {EXPECTED_ITEMS}{hint}")
+def _not_understood(item: Any, transformed: bool = False) -> DataError:
+    if transformed:
+        return DataError(f"the calibration transform returned {_describe(item)}; it must return model inputs: a tensor, "
+                         "a tuple of tensors (positional inputs) or a dict of tensors (keyword inputs)")
+    return DataError(f"calibration data yielded {_describe(item)}; expected {EXPECTED_ITEMS}")
 
 
-def _first(item: Any) -> torch.Tensor:
-    """The input of a dataset item or batch: ``x`` of ``(x, y, ...)`` or the item itself.
+def _tensor(x: Any, item: Any, transformed: bool) -> torch.Tensor:
+    """``x`` as a tensor (arrays and numbers converted); strings, None and objects are refused."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if x is None or isinstance(x, (Mapping, tuple, list, str, bytes)):
+        raise _not_understood(item, transformed)
+    arr = np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind in "USV":
+        raise _not_understood(item, transformed)
+    return torch.as_tensor(arr)
 
-    Arrays and numbers become tensors; dicts, nested tuples, strings and other objects raise
-    :class:`DataError` saying what was received and what is expected.
+
+def _dict_inputs(d: Mapping, item: Any, transformed: bool) -> dict:
+    out = {k: _tensor(v, item, transformed) for k, v in d.items() if k not in LABEL_KEYS and v is not None}
+    if not out:
+        raise _not_understood(item, transformed)
+    return out
+
+
+def _first(item: Any, transform: Callable[[Any], Any] | None = None) -> Inputs:
+    """The model inputs of a dataset item or batch.
+
+    With ``transform``: whatever it returns (a tensor, a tuple of tensors = positional inputs, or a
+    dict = keyword inputs).  Without: a dict item is the model's keyword inputs (``label(s)`` keys
+    dropped); ``(x, y, ...)`` gives ``x`` (itself a tensor or dict); anything else is the input itself.
+    Arrays and numbers become tensors; strings and other objects raise :class:`DataError` saying what
+    was received and what is expected.
     """
+    if transform is not None:
+        x = transform(item)
+        if isinstance(x, Mapping):
+            return _dict_inputs(x, x, True)
+        if isinstance(x, (tuple, list)):
+            if not x:
+                raise _not_understood(x, True)
+            return tuple(_tensor(v, x, True) for v in x)
+        return _tensor(x, x, True)
+    if isinstance(item, Mapping):
+        return _dict_inputs(item, item, False)
     if isinstance(item, (tuple, list)):
         if not item:
             raise _not_understood(item)
         x = item[0]
+        if isinstance(x, Mapping):
+            return _dict_inputs(x, item, False)
     else:
         x = item
-    if isinstance(x, torch.Tensor):
-        return x
-    if x is None or isinstance(x, (Mapping, tuple, list, str, bytes)):
-        raise _not_understood(item)
-    arr = np.asarray(x)
-    if arr.dtype == object or arr.dtype.kind in "USV":
-        raise _not_understood(item)
-    return torch.as_tensor(arr)
+    return _tensor(x, item, False)
 
 
-def _join(xs: list[torch.Tensor], stack: bool) -> torch.Tensor:
-    """``torch.stack`` (items) or ``torch.cat`` (batches) with a :class:`DataError` when shapes disagree."""
-    per_sample = {tuple(x.shape) if stack else tuple(x.shape[1:]) for x in xs}
+def _structure(x: Inputs) -> tuple:
+    if isinstance(x, Mapping):
+        return ("dict", tuple(x))
+    if isinstance(x, (tuple, list)):
+        return ("tuple", len(x))
+    return ("tensor",)
+
+
+def _join(xs: list[Inputs], stack: bool) -> Inputs:
+    """Items stacked (``stack``) or batches concatenated, with a :class:`DataError` when shapes or structures disagree."""
+    if len({_structure(x) for x in xs}) > 1:
+        raise DataError("calibration items have different structures (" + ", ".join(
+            sorted({_describe(x) for x in xs})[:3]) + "); every item must hold the same inputs")
+    per_sample = {tuple(tuple(t.shape) if stack else tuple(t.shape[1:]) for t in _tensors(x)) for x in xs}
     if len(per_sample) > 1:
-        shown = ", ".join(str(s) for s in sorted(per_sample)[:4])
+        shown = ", ".join(str(s[0] if len(s) == 1 else s) for s in sorted(per_sample)[:4])
         raise DataError(f"calibration inputs have different per-sample shapes ({shown}); every input must have the "
-                        "shape the model takes (resize or crop them to one size)")
-    return torch.stack(xs) if stack else torch.cat(xs)
+                        "shape the model takes (resize or crop images to one size; pad token sequences to one "
+                        "length, with an attention_mask)")
+    return stack_samples(xs) if stack else concat_batches(xs)
 
 
 def as_loader(data: str | Dataset | DataLoader, batch_size: int = 256, split: str = "test") -> DataLoader:
@@ -273,12 +320,16 @@ def _length(data: Dataset) -> int | None:
         return None
 
 
-def calibration_batches(data: str | Dataset | DataLoader, n_samples: int, batch_size: int = 64,
-                        seed: int = 0) -> list[torch.Tensor]:
-    """``n_samples`` model inputs from ``data`` as a list of tensors of up to ``batch_size`` rows.
+def calibration_batches(data: str | Dataset | DataLoader | torch.Tensor, n_samples: int, batch_size: int = 64,
+                        seed: int = 0, transform: Callable[[Any], Any] | None = None) -> list[Inputs]:
+    """``n_samples`` model inputs from ``data`` as a list of batches of up to ``batch_size`` samples.
 
     ``data`` is a dataset name (its *train* split: calibration never looks at test images), a
-    ``Dataset`` whose items are ``(x, y, ...)`` or ``x``, or a ``DataLoader`` yielding such batches.
+    ``Dataset`` whose items are ``(x, y, ...)``, ``x`` or a dict of tensors, a ``DataLoader``
+    yielding such batches, or a tensor of inputs ``(N, ...)``.  A batch is a tensor, a tuple of
+    tensors (positional inputs) or a dict of tensors (keyword inputs, ``label(s)`` keys dropped);
+    ``transform`` (like NNCF's ``Dataset(data, transform_fn)``) maps each item or DataLoader batch to
+    model inputs instead.
     For sized datasets the samples are a random subset drawn with ``seed`` (same seed -> same
     tensors); a ``DataLoader`` is read in its own order until ``n_samples`` inputs were seen.
     Fewer samples are returned when the data holds fewer. Raises :class:`DataError` on empty data
@@ -291,21 +342,25 @@ def calibration_batches(data: str | Dataset | DataLoader, n_samples: int, batch_
     n_samples = int(n_samples)
     if isinstance(data, str):
         data = load_dataset(data, "train")
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise DataError(f"calibration data is {_describe(data)}: it needs a leading dimension of samples")
+        data = TensorDataset(data)
     if isinstance(data, DataLoader):
-        xs: list[torch.Tensor] = []
+        xs: list[Inputs] = []
         seen = 0
         for batch in data:
-            x = _first(batch)
-            if x.dim() == 0:
+            x = _first(batch, transform)
+            if primary(x).dim() == 0:
                 raise DataError(f"the calibration DataLoader yielded {_describe(x)}: batches need a leading batch "
                                 "dimension (use a DataLoader over a Dataset, or a Dataset of per-sample tensors)")
-            xs.append(x[: n_samples - seen])
-            seen += xs[-1].shape[0]
+            xs.append(slice_batch(x, 0, n_samples - seen))
+            seen += _batch_size(xs[-1])
             if seen >= n_samples:
                 break
         if seen == 0:
             raise DataError("the calibration DataLoader yielded no samples")
-        return list(_join(xs, stack=False).split(batch_size))
+        return split_batch(_join(xs, stack=False), batch_size)
     if not isinstance(data, Dataset):
         raise DataError(f"calibration data must be a dataset name, Dataset or DataLoader, got "
                         f"{type(data).__name__}; dataset names: {', '.join(sorted(DATASETS))}")
@@ -313,21 +368,21 @@ def calibration_batches(data: str | Dataset | DataLoader, n_samples: int, batch_
     if n is None:  # iterable dataset: take the first n_samples items
         items = []
         for item in data:
-            items.append(_first(item))
+            items.append(_first(item, transform))
             if len(items) >= n_samples:
                 break
         if not items:
             raise DataError("the calibration dataset is empty")
-        return list(_join(items, stack=True).split(batch_size))
+        return split_batch(_join(items, stack=True), batch_size)
     if n == 0:
         raise DataError("the calibration dataset is empty")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[: min(n_samples, n)].sort().values
-    if isinstance(data, TensorDataset):  # fast path: one gather instead of n item lookups
-        x = data.tensors[0][idx]
+    if isinstance(data, TensorDataset) and transform is None:  # fast path: one gather instead of n item lookups
+        x: Inputs = data.tensors[0][idx]
     else:
-        x = _join([_first(data[int(i)]) for i in idx], stack=True)
-    return [b.clone() for b in x.split(batch_size)]
+        x = _join([_first(data[int(i)], transform) for i in idx], stack=True)
+    return [map_tensors(b, torch.Tensor.clone) for b in split_batch(x, batch_size)]
 
 
 def _model_float_dtype(model: nn.Module) -> torch.dtype | None:
@@ -343,20 +398,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-def to_model_dtype(batches: Iterable[torch.Tensor], model: nn.Module) -> list[torch.Tensor]:
+def to_model_dtype(batches: Iterable[Inputs], model: nn.Module) -> list[Inputs]:
     """``batches`` with every floating-point tensor cast to the dtype of ``model``'s parameters.
 
     The datasets give float32 images; a float64 (or float16/bfloat16) model needs its own dtype.
     Integer inputs (token ids) and tensors already in the right dtype are returned as they are
-    (same objects); shapes and devices never change.
+    (same objects); shapes and devices never change.  Tuple and dict batches are handled tensor by tensor.
     """
     dtype = _model_float_dtype(model)
-    out = []
-    for b in batches:
-        if dtype is not None and isinstance(b, torch.Tensor) and b.is_floating_point() and b.dtype != dtype:
-            b = b.to(dtype)
-        out.append(b)
-    return out
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+    return [map_tensors(b, cast) for b in batches]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -365,13 +418,14 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def check_batches(model: nn.Module, batches: Sequence[torch.Tensor], input_shape: Iterable[int] | None) -> None:
+def check_batches(model: nn.Module, batches: Sequence[Inputs], input_shape: Iterable[int] | None) -> None:
     """Check calibration inputs before any compression work; raise :class:`DataError` with one clear line.
 
-    ``batches``: the tensors from :func:`calibration_batches`, each ``(B, *input_shape)``.
-    ``input_shape``: the per-sample shape the model is compressed for (no batch dim), or ``None``
-    to skip the shape check.  Checked, in this order: every batch is a non-empty tensor (not a
-    dict or tuple); its per-sample shape equals ``input_shape``; no NaN/Inf anywhere (they would
+    ``batches``: the batches from :func:`calibration_batches`, each a tensor ``(B, *input_shape)``, a
+    tuple of tensors or a dict of tensors (the model is called ``model(x)``, ``model(*x)``, ``model(**x)``).
+    ``input_shape``: the per-sample shape of the (first) input tensor, or ``None``
+    to skip the shape check.  Checked, in this order: every batch holds tensors with a
+    non-empty batch dimension; its per-sample shape equals ``input_shape``; no NaN/Inf anywhere (they would
     turn every statistic and every re-estimated BatchNorm into NaN); and the model runs on the
     first two samples of the first batch (eval mode, no grad; the model's train/eval mode is
     restored).  Non-floating inputs (e.g. uint8 images) are accepted when the model runs on them
@@ -389,35 +443,38 @@ def check_batches(model: nn.Module, batches: Sequence[torch.Tensor], input_shape
     expected = None if input_shape is None else tuple(int(s) for s in input_shape)
     for i, b in enumerate(batches):
         where = f" (batch {i}; earlier batches had the expected shape)" if i else ""
-        if not isinstance(b, torch.Tensor):
-            raise DataError(f"calibration batch {i} is {_describe(b)}; each batch must be one tensor of model inputs, "
+        if not _tensors(b) or not isinstance(b, (torch.Tensor, tuple, list, Mapping)):
+            raise DataError(f"calibration batch {i} is {_describe(b)}; each batch must be model inputs, "
                             f"as rankslim.data.calibration_batches builds from {EXPECTED_ITEMS}")
-        if b.dim() == 0 or b.shape[0] == 0:
+        p = primary(b)
+        if p.dim() == 0 or p.shape[0] == 0:
             raise DataError(f"calibration batch {i} is {_describe(b)}: it holds no samples")
-        if expected is not None and tuple(b.shape[1:]) != expected:
-            raise DataError(f"calibration inputs have per-sample shape {tuple(b.shape[1:])}{where} but the model's "
+        if expected is not None and tuple(p.shape[1:]) != expected:
+            raise DataError(f"calibration inputs have per-sample shape {tuple(p.shape[1:])}{where} but the model's "
                             f"input_shape is {expected}; pass data of that shape (e.g. as many channels as the "
                             f"model's first layer takes) or the matching input_shape")
     n_bad = n_bad_samples = 0
     for b in batches:
-        if b.is_floating_point() or b.is_complex():
-            bad = ~torch.isfinite(b)
-            n_bad += int(bad.sum())
-            n_bad_samples += int(bad.reshape(bad.shape[0], -1).any(1).sum())
+        for t in _tensors(b):
+            if (t.is_floating_point() or t.is_complex()) and t.dim():
+                bad = ~torch.isfinite(t)
+                n_bad += int(bad.sum())
+                n_bad_samples += int(bad.reshape(bad.shape[0], -1).any(1).sum())
     if n_bad:
-        total = sum(int(b.shape[0]) for b in batches)
+        total = sum(_batch_size(b) for b in batches)
         raise DataError(f"the calibration inputs hold {n_bad:,} NaN/Inf value(s) in {n_bad_samples:,} of {total:,} "
                         "samples; clean or drop those samples (calibration statistics and BatchNorm re-estimation "
                         "would all become NaN)")
-    x = to_model_dtype([batches[0][:2]], model)[0].to(_model_device(model))
+    x = to_model(slice_batch(batches[0], 0, 2), model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            call_model(model, x)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as a data problem
         dtype = _model_float_dtype(model)
-        if not x.is_floating_point() and dtype is not None:
+        x = primary(x)
+        if isinstance(batches[0], torch.Tensor) and not x.is_floating_point() and dtype is not None:
             raise DataError(f"calibration inputs are {str(x.dtype).replace('torch.', '')} but the model computes in "
                             f"{str(dtype).replace('torch.', '')} and failed on them ({_one_line(exc)}); convert "
                             "them to floating point, normalised as in training (e.g. x.float() / 255)") from exc

@@ -61,6 +61,8 @@ class Selection:
     spec: str | None = None
     dataset: str | None = None
     n_classes: int | None = None
+    #: the one-sample inputs costs were counted on (``None``: a zero float input of ``input_shape``)
+    example: Any = None
 
     @property
     def needs_data(self) -> bool:
@@ -125,9 +127,11 @@ def find_heads(model: nn.Module, example: Any, output_shapes: list | None = None
         handles.append(mod.register_forward_hook(hook))
     was = model.training
     model.eval()
+    from .cost import no_fused_attention
+    from .inputs import call_model
     try:
-        with torch.no_grad():
-            out = model(example)
+        with torch.no_grad(), no_fused_attention():
+            out = call_model(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -158,7 +162,7 @@ def find_heads(model: nn.Module, example: Any, output_shapes: list | None = None
 
 def select(
     model: nn.Module,
-    input_shape: Iterable[int],
+    input_shape: Iterable[int] | None,
     method: str = "svd",
     *,
     methods: Mapping[str, str] | None = None,
@@ -171,14 +175,18 @@ def select(
     inplace: bool = False,
     spec: str | None = None,
     dataset: str | None = None,
+    example_inputs: Any = None,
 ) -> Selection:
     """Choose the layers to compress and configure each one's method (options validated here).
+
+    Costs are counted on ``example_inputs`` (a tensor of any dtype, tuple or dict of tensors; the first
+    sample is used) when given, else on a zero float input of the per-sample ``input_shape``.
 
     ``keep_head`` leaves the output head dense (see :func:`find_heads`); with ``keep_head=False`` the
     head is a target but never gets fewer ranks than its outputs (classes) unless ranks are explicit.
     """
     from .surgery import check_finite
-    input_shape = tuple(int(s) for s in input_shape)
+    from .inputs import example_from, sample_shape
     per_method = split_method_options(method, method_options)
     for name in [method, *(methods or {}).values()]:
         get_method(name)  # unknown names fail before any work
@@ -189,11 +197,13 @@ def select(
                           f"{', '.join(sorted(configured))})")
     check_finite(model)
     work = working_copy(model, inplace)
-    shapes = trace_shapes(work, input_shape)
+    example = example_from(example_inputs, input_shape, work) if example_inputs is not None else None
+    input_shape = sample_shape(example) if example is not None else tuple(int(s) for s in input_shape)
+    counted_on = example if example is not None else input_shape
+    shapes = trace_shapes(work, counted_on)
     targets, skipped = select_targets(work, shapes, include, exclude, min_params, keep_stem)
-    from .cost import make_input
     out_shapes: list = []
-    heads = find_heads(work, make_input(input_shape, 1, work), out_shapes) if targets else []
+    heads = find_heads(work, example_from(example, input_shape, work), out_shapes) if targets else []
     n_classes = int(out_shapes[0][-1]) if out_shapes and len(out_shapes[0]) == 2 else None
     chosen: dict[str, Method] = {}
     kept: list[Target] = []
@@ -212,10 +222,10 @@ def select(
     if not kept:
         raise RankslimError("no layer can be compressed: " + (
             "; ".join(f"{s.name}: {s.reason}" for s in skipped[:10]) or "the model has no Conv2d/Linear layer"))
-    base = model_cost(work, input_shape, shapes)
-    original = Cost(base.total.params, flop_counter_macs(work, input_shape))
+    base = model_cost(work, counted_on, shapes)
+    original = Cost(base.total.params, flop_counter_macs(work, counted_on))
     return Selection(work, model, input_shape, kept, chosen, skipped, heads, original, base.total.macs, shapes,
-                     spec, dataset, n_classes)
+                     spec, dataset, n_classes, example)
 
 
 # ---------------------------------------------------------------------------------------- calibrate
@@ -246,8 +256,12 @@ class Calibration:
 
 
 def calibrate(selection: Selection, data: Any, *, calib_samples: int = 256, sequential: bool = True, seed: int = 0,
-              want_batches: bool = False, data_spectra: bool = True) -> Calibration:
+              want_batches: bool = False, data_spectra: bool = True,
+              transform: Callable[[Any], Any] | None = None) -> Calibration:
     """Draw calibration inputs when a method needs data or ``want_batches``; check them against the model.
+
+    ``transform`` maps each data item (or DataLoader batch) to model inputs (see
+    :func:`~rankslim.data.calibration_batches`).
 
     With data-aware methods, builds a :class:`~rankslim.calibrate.Calibrator` and (``data_spectra``)
     the original-input statistics each data-aware target's allocation spectrum needs.
@@ -261,9 +275,12 @@ def calibrate(selection: Selection, data: Any, *, calib_samples: int = 256, sequ
                                 "(a dataset name, Dataset or DataLoader)")
         return Calibration(sequential=sequential)
     from .data import calibration_batches
-    batches = calibration_batches(data, calib_samples, seed=seed)
+    batches = calibration_batches(data, calib_samples, seed=seed, transform=transform)
     from .data import check_batches
-    check_batches(selection.model, batches, selection.input_shape)
+    # token batches may be longer or shorter than the example: only image-like inputs must match its shape
+    from .inputs import tokens_per_sample
+    fixed = selection.example is None or tokens_per_sample(selection.example) is None
+    check_batches(selection.model, batches, selection.input_shape if fixed else None)
     cal = Calibration(batches=batches, sequential=sequential)
     if selection.needs_data:
         from .calibrate import Calibrator
@@ -424,7 +441,7 @@ def build(selection: Selection, allocation: Mapping[str, int | None], calibratio
             r = allocation.get(t.name)
             dense = t.per_sample(t.dense_cost)
             if r is None:
-                built.rows.append(LayerRow(t.name, type(t.module).__name__, t.describe_shape(), "dense", "full",
+                built.rows.append(LayerRow(t.name, t.type_name, t.describe_shape(), "dense", "full",
                                            dense.params, dense.params, dense.macs, dense.macs))
             else:
                 t0 = time.perf_counter()
@@ -439,14 +456,15 @@ def build(selection: Selection, allocation: Mapping[str, int | None], calibratio
                     rescaled += 1
                 ctx = DecomposeContext(generator=gen, solver=solver, stats=stats, options=dict(m.config), weight=weight)
                 layer, info = m.decompose(t, r, ctx)
-                replace_modules(work, {t.name: layer})
                 # measured on the built layer: a method may build below the planned rank (elbow rules)
                 c = t.per_sample(model_cost(layer, t.in_shape).total)
+                # a layer seen through a view (Conv1d, GPT-2 Conv1D, subclasses) gets its wrapper
+                replace_modules(work, {t.name: t.wrap(layer)})
                 rank_str = str(info.get("ranks", info.get("rank", r)))
-                built.rows.append(LayerRow(t.name, type(t.module).__name__, t.describe_shape(), m.name, rank_str,
+                built.rows.append(LayerRow(t.name, t.type_name, t.describe_shape(), m.name, rank_str,
                                            dense.params, c.params, dense.macs, c.macs, info,
                                            time.perf_counter() - t0))
-                built.layer_plans.append(LayerPlan(t.name, m.name, info, type(t.module).__name__))
+                built.layer_plans.append(LayerPlan(t.name, m.name, info, t.type_name))
             if bar is not None:
                 bar.advance(task)
     finally:
@@ -490,8 +508,10 @@ def finalize(selection: Selection, built: Built, allocation: Allocation, calibra
     work.train(was_training)
     plan = Plan(built.layer_plans, model_spec=selection.spec, input_shape=list(selection.input_shape))
     attach_plan(work, plan)
-    after = model_cost(work, selection.input_shape)
+    counted_on = selection.example if selection.example is not None else selection.input_shape
+    after = model_cost(work, counted_on)
     compressed = Cost(after.total.params, after.total.macs + (selection.original_cost.macs - selection.counted_macs))
+    notes += input_notes(selection, built)
     sparse_note = next((r.info["sparse_note"] for r in built.rows if r.info.get("sparse_note")), None)
     if sparse_note:
         notes.append(str(sparse_note))
@@ -520,6 +540,32 @@ def finalize(selection: Selection, built: Built, allocation: Allocation, calibra
     return CompressionResult(work, plan, report, allocation)
 
 
+def input_notes(selection: Selection, built: Built) -> list[str]:
+    """Report notes on what the MAC figures mean for this input, fused attention paths, and how much of
+    the model no target covers (a whole-model budget squeezes the targets to make up for it)."""
+    from .inputs import input_description, tokens_per_sample
+    notes = []
+    if selection.example is not None:
+        desc = input_description(selection.example)
+        tokens = tokens_per_sample(selection.example)
+        per_token = (f"; {selection.original_cost.macs / tokens:,.0f} MACs per token in the original"
+                     if tokens else "")
+        notes.append(f"MACs are counted {desc} on the example inputs{per_token}")
+    fused = [n for n, m in selection.model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    if fused:
+        notes.append(f"{len(fused)} nn.TransformerEncoderLayer(s): MACs counted with PyTorch's fused fast path off "
+                     "(FlopCounterMode cannot see inside it); compressed layers carry a forward hook that keeps their "
+                     "encoder layer off the fused path, which would rebuild dense weights on every call")
+    dense_targets = sum(t.dense_cost.params for t in selection.targets)
+    rest = selection.original_cost.params - dense_targets
+    if selection.original_cost.params and rest / selection.original_cost.params > 0.2:
+        kinds = sorted({s.type for s in selection.skipped})[:6]
+        notes.append(f"{100 * rest / selection.original_cost.params:.0f}% of the parameters are outside the "
+                     f"compressed layers ({', '.join(kinds) or 'embeddings, norms'} ...): a whole-model params budget "
+                     "is met by squeezing the rest harder")
+    return notes
+
+
 __all__ = ["Built", "Calibration", "CompressionResult", "Selection", "allocate", "build", "calibrate",
            "choose_allocator", "cost_table", "explicit_ranks", "finalize", "find_heads", "method_for", "select",
-           "split_method_options", "WARN_DROP"]
+           "split_method_options", "WARN_DROP", "input_notes"]

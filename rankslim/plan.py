@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import CheckpointError, PlanError
 from .methods import METHODS, get_method
-from .surgery import Target, get_submodule, replace_modules
+from .surgery import Target, get_submodule, layer_view, replace_modules
 
 PLAN_FORMAT = "rankslim-plan"
 PLAN_VERSION = 1
@@ -161,19 +161,22 @@ def check_plan(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
         if lp.original_type and type(mod).__name__ != lp.original_type:
             raise PlanError(f"layer {lp.name!r} is a {type(mod).__name__} but the plan was made for a {lp.original_type}; "
                             "load into the same model definition that was compressed")
-        if not isinstance(mod, _REPLACEABLE):
-            raise PlanError(f"layer {lp.name!r} is a {type(mod).__name__}; a plan only replaces Linear and Conv2d layers")
+        view = layer_view(mod)  # Conv1d, GPT-2 Conv1D and Conv2d/Linear subclasses are seen as plain layers
+        if view is None:
+            raise PlanError(f"layer {lp.name!r} is a {type(mod).__name__}; a plan only replaces Linear and Conv2d layers "
+                            "(and Conv1d, GPT-2 Conv1D, their subclasses)")
         if lp.method not in METHODS:
             raise PlanError(f"layer {lp.name!r} names an unknown method {lp.method!r}; available: {', '.join(sorted(METHODS))}")
+        mod = view.module
         m, k = int(mod.weight.shape[0]), int(mod.weight[0].numel())
-        kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
+        kind = view.kind
         # max_rank reads only the module (no traced shapes); a method's knob may exceed min(m, k) (CP)
         try:
             bound = max(min(m, k), int(get_method(lp.method).max_rank(Target(lp.name, mod, kind, (), ()))))
         except Exception:  # a method that cannot size this layer at all: fall back to the matrix rank
             bound = min(m, k)
         _check_info(lp, m, k, bound)
-        found[lp.name] = mod
+        found[lp.name] = view.original
     return found
 
 
@@ -187,7 +190,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     new: dict[str, nn.Module] = {}
     for lp in plan.layers:
         try:
-            new[lp.name] = get_method(lp.method).structure(found[lp.name], lp.info)
+            view = layer_view(found[lp.name])
+            new[lp.name] = view.wrap(get_method(lp.method).structure(view.module, lp.info))
         except PlanError:
             raise
         except Exception as exc:  # a value of the wrong shape that the generic checks let through

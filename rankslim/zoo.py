@@ -134,6 +134,64 @@ class ResNet20(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class ViTBlock(nn.Module):
+    """Pre-norm transformer encoder block of plain modules: ``ln1`` -> multi-head self-attention with
+    separate ``q``/``k``/``v``/``proj`` Linears -> residual, ``ln2`` -> ``fc1`` -> GELU -> ``fc2`` -> residual.
+
+    Separate projections (not ``nn.MultiheadAttention``'s packed ``in_proj_weight``) so every matrix
+    is an ``nn.Linear`` rankslim can factorize.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (N, T, dim) tokens -> (N, T, dim)."""
+        n, t, d = x.shape
+        h = self.ln1(x)
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            return z.view(n, t, self.heads, d // self.heads).transpose(1, 2)   # (N, heads, T, dim/heads)
+
+        a = nn.functional.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)))
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer for 1x28x28 images: ``patch`` Conv2d (7x7 patches, stride 7 -> 16
+    tokens) + a class token + learned position embeddings, ``blocks`` (``depth`` :class:`ViTBlock`),
+    final ``norm`` and ``head`` Linear on the class token. ~0.1 M parameters at the defaults.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image: int = 28, patch: int = 7,
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp: int = 128) -> None:
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (N, in_channels, 28, 28) -> logits (N, num_classes)."""
+        z = self.patch(x).flatten(2).transpose(1, 2)                 # (N, 16, dim)
+        z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1) + self.pos
+        z = self.norm(self.blocks(z))
+        return self.head(z[:, 0])
+
+
 def lenet5(num_classes: int = 10) -> LeNet5:
     """LeNet-5 for (1, 28, 28) inputs with randomly initialised weights."""
     return LeNet5(num_classes)
@@ -142,6 +200,11 @@ def lenet5(num_classes: int = 10) -> LeNet5:
 def resnet20(num_classes: int = 10, in_channels: int = 1) -> ResNet20:
     """CIFAR-style BN ResNet-20 (widths 16/32/64, option-B shortcuts) with random weights."""
     return ResNet20(num_classes, in_channels)
+
+
+def vit(num_classes: int = 10, in_channels: int = 1) -> ViT:
+    """Small ViT for (1, 28, 28) inputs (7x7 patches, dim 64, 4 blocks, 4 heads) with random weights."""
+    return ViT(num_classes, in_channels)
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -160,6 +223,7 @@ class ZooEntry(NamedTuple):
 ZOO: dict[str, ZooEntry] = {
     "lenet5": ZooEntry(lenet5, "fashion-mnist", (1, 28, 28), "lenet5.safetensors"),
     "resnet20": ZooEntry(resnet20, "fashion-mnist", (1, 28, 28), "resnet20.safetensors"),
+    "vit": ZooEntry(vit, "fashion-mnist", (1, 28, 28), "vit.safetensors"),
 }
 
 
@@ -416,4 +480,4 @@ def resolve_model(spec: str | nn.Module, input_shape: tuple[int, ...] | None = N
 
 
 __all__ = ["CHECKPOINT_DIR", "SAFE_SPEC_PREFIXES", "ZOO", "ZooEntry", "LeNet5", "ResNet20", "BasicBlock", "ModelSpec",
-           "PickleWarning", "lenet5", "resnet20", "get_zoo_model", "plan_base_model", "resolve_model"]
+           "PickleWarning", "ViT", "ViTBlock", "lenet5", "resnet20", "vit", "get_zoo_model", "plan_base_model", "resolve_model"]

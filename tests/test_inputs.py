@@ -81,20 +81,21 @@ def test_compress_refuses_wrong_shaped_data_before_compressing(monkeypatch):
                           calib_samples=32)
 
 
-def test_dict_items_and_batches_are_explained():
+def test_dict_items_and_batches_are_keyword_inputs():
+    # issue 9: dict items are the model's keyword inputs; 'label' keys are dropped
     for data in (DictItems(), DataLoader(DictItems(), batch_size=4)):
-        with pytest.raises(DataError) as exc:
-            calibration_batches(data, 8)
-        msg = one_line(exc)
-        assert "dict" in msg and "'pixel_values'" in msg and "(inputs, labels" in msg
+        batches = calibration_batches(data, 8)
+        assert all(set(b) == {"pixel_values"} for b in batches)
+        assert sum(b["pixel_values"].shape[0] for b in batches) == 8
 
 
-def test_tuple_batches_are_explained():
+def test_tuple_batches_the_model_cannot_take_are_explained():
+    # a tuple batch is positional inputs (issue 9): a model taking one tensor fails on two, in one line
     x = torch.zeros(4, *SHAPE)
     with pytest.raises(DataError) as exc:
         check_batches(lenet(), [(x, torch.zeros(4))], SHAPE)  # type: ignore[list-item]
     msg = one_line(exc)
-    assert "tuple of 2 items" in msg and "tensor" in msg
+    assert "the model failed on calibration inputs" in msg and "TypeError" in msg
 
 
 def test_ragged_items_and_empty_data():

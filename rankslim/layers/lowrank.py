@@ -9,8 +9,19 @@ import torch
 from torch import nn
 
 
+def _keep_off_fused_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook.  Its presence is the point: ``nn.TransformerEncoderLayer`` skips its fused
+    fast path when any submodule has hooks, and that path would read ``.weight`` (rebuilding the dense
+    matrix on every call) instead of calling the low-rank layer."""
+    return None
+
+
 class LowRankLinear(nn.Module):
-    """``y = U (V x) + b`` with ``V: (rank, in)`` (child ``first``) and ``U: (out, rank)`` (child ``second``)."""
+    """``y = U (V x) + b`` with ``V: (rank, in)`` (child ``first``) and ``U: (out, rank)`` (child ``second``).
+
+    Inside an ``nn.TransformerEncoderLayer`` the layer keeps the encoder off PyTorch's fused fast path
+    (see :func:`_keep_off_fused_path`), so it runs at low-rank cost.
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -18,6 +29,7 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_forward_pre_hook(_keep_off_fused_path)
 
     @classmethod
     def like(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
