@@ -54,7 +54,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .cost import is_hf_conv1d
 from .errors import DataError, OptionError, UnsupportedLayerError
+from .inputs import batch_size, call_model, tensors, to_model
 from .surgery import Target
 
 #: bytes of float64 working columns processed at once (chunking keeps big convs in memory)
@@ -63,6 +65,11 @@ CHUNK_BYTES = 64 * 2**20
 #: calibration schemes (see the module docstring); ``DEFAULT_SCHEME`` is used when none is given
 SCHEMES = ("fast", "per-layer")
 DEFAULT_SCHEME = "fast"
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """Layers calibration can target: Conv2d/Linear (subclasses too), Conv1d and GPT-2 Conv1D (seen through views)."""
+    return isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)) or is_hf_conv1d(m)
 
 
 class _Stop(Exception):
@@ -172,7 +179,7 @@ def _capture(model: nn.Module, name: str, x: torch.Tensor, calls: int | None) ->
     h = mod.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            model(x)
+            call_model(model, x)
     except _Stop:
         pass
     finally:
@@ -234,7 +241,7 @@ class _LayerTracer(torch.fx.Tracer):
     """fx tracer that keeps every Conv2d/Linear (subclasses included) as one ``call_module`` node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+        return _is_layer(m) or super().is_leaf_module(m, qualname)
 
 
 class _NoFast(Exception):
@@ -360,6 +367,8 @@ class _Accumulator:
     def add_batch(self, xo_list: list[torch.Tensor], xw_list: list[torch.Tensor]) -> None:
         """One batch: the inputs of every call of the layer, original (``xo``) and work (``xw``)."""
         name = self.target.name
+        # layers seen through a view (Conv1d, GPT-2 Conv1D, subclasses): their input as the view takes it
+        xo_list, xw_list = [self.target.prepare(x) for x in xo_list], [self.target.prepare(x) for x in xw_list]
         if not xo_list:
             raise DataError(f"layer {name!r} is not called in the forward pass")
         if len(xw_list) != len(xo_list):
@@ -454,9 +463,9 @@ class Calibrator:
                  names: Iterable[str] | None = None, cache_limit_bytes: int = 2**30, full_yy: bool = False,
                  seed: int = 0, scheme: str | None = None) -> None:
         batches = [b for b in batches]
-        if not batches or any(not isinstance(b, torch.Tensor) for b in batches):
-            raise DataError("calibration needs a non-empty list of input tensors")
-        if any(b.shape[0] == 0 for b in batches):
+        if not batches or any(not tensors(b) for b in batches):
+            raise DataError("calibration needs a non-empty list of model inputs (tensors, tuples or dicts of tensors)")
+        if any(batch_size(b) == 0 for b in batches):
             raise DataError("calibration batches must not be empty")
         if max_positions is not None and max_positions < 1:
             raise DataError(f"max_positions must be >= 1 or None, got {max_positions}")
@@ -475,9 +484,9 @@ class Calibrator:
         self.fallback_reason: str | None = None
         self.cache_limit_bytes = int(cache_limit_bytes)
         self.device = _device_of(original_model)
-        from .data import to_model_dtype  # the datasets give float32; float64/half models need their own dtype
-        self.batches = [b.to(self.device) for b in to_model_dtype(batches, original_model)]
-        self.n_samples = sum(int(b.shape[0]) for b in self.batches)
+        # the datasets give float32; float64/half models need their own dtype (token ids keep theirs)
+        self.batches = [to_model(b, original_model) for b in batches]
+        self.n_samples = sum(batch_size(b) for b in self.batches)
         self.cache: dict[str, list[list[torch.Tensor]]] | None = None
         self.cache_bytes = 0
         self._original: nn.Module | None = None
@@ -511,13 +520,15 @@ class Calibrator:
         """Trace the private original; ``None`` when the graph reproduces the eager model, else why not."""
         model = self._original
         assert model is not None
+        if not isinstance(self.batches[0], torch.Tensor):
+            return "the model takes tuple/dict inputs, which the traced graph is not run on"
         try:
             graph = _Graph(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "use the per-layer scheme"
             return f"torch.fx could not trace the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         probe = self.batches[0][:2]
         counts: dict[int, int] = {}
-        layers = {id(m): m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        layers = {id(m): m for m in model.modules() if _is_layer(m)}
         handles = [m.register_forward_pre_hook(lambda mod, _a: counts.__setitem__(id(mod), counts.get(id(mod), 0) + 1))
                    for m in layers.values()]
         try:
@@ -633,8 +644,7 @@ class Calibrator:
 
     def _fill_cache(self, model: nn.Module, names: list[str] | None, limit: int) -> None:
         """One pass of the original model storing the inputs of the named layers (per batch, per call)."""
-        mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-                and (names is None or n in names)}
+        mods = {n: m for n, m in model.named_modules() if _is_layer(m) and (names is None or n in names)}
         cache: dict[str, list[list[torch.Tensor]]] = {n: [] for n in mods}
         state = {"bytes": 0, "over": False}
 
@@ -659,7 +669,7 @@ class Calibrator:
                 for b in self.batches:
                     for n in list(cache):
                         cache[n].append([])
-                    model(b)
+                    call_model(model, b)
                     if state["over"]:
                         break
         finally:
