@@ -21,8 +21,8 @@ from ..layers.cp import CPConv2d
 from ..options import Opt, float_, int_, one_of
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
-from .spatial import conv_geometry, separable_kernel_support
-from .tucker import _cum_energy, knob_spectrum
+from .common import conv_geometry, cum_energy as _cum_energy, knob_spectrum
+from .spatial import separable_kernel_support
 
 
 def cp_cost(target: Target, rank: int) -> Cost:

@@ -25,7 +25,6 @@ Options (``compress(..., method_options={...})``):
 """
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import torch
@@ -34,46 +33,23 @@ from torch import nn
 from ..cost import Cost
 from ..decompose.ddlr import DDLR_SOLVERS, ddlr, elbow_rank
 from ..decompose.svd import truncated_svd
-from ..errors import DataError, RankError, RankslimError
+from ..errors import RankError, RankslimError
 from ..options import Opt, any_, float_, int_, one_of, optional
 from ..surgery import Target
+from .common import activation_for, conv_reason, raw_columns
 from .base import DecomposeContext, Method, register
 from .svd import build_lowrank, lowrank_cost
 
 RANK_RULES = ("knob", "elbow")
 
 
-def activation_for(name: str, option: Any) -> str:
-    """The activation ("relu" | "linear") for layer ``name`` from a string or a ``{glob: act}`` option."""
-    if option is None:
-        return "relu"
-    if isinstance(option, str):
-        act = option
-    else:
-        act = next((v for k, v in dict(option).items() if name == k or fnmatch.fnmatchcase(name, k)), "relu")
-    if act not in ("relu", "linear"):
-        raise RankslimError(f"activation must be 'relu' or 'linear', got {act!r} for layer {name!r}")
-    return act
 
 
-def raw_columns(target: Target, ctx: DecomposeContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw calibration columns ``X: (k, n)``, ``Y: (m, n)`` (float64) of ``target`` or a clear error."""
-    stats = ctx.stats
-    if stats is None or getattr(stats, "X", None) is None or getattr(stats, "Y", None) is None:
-        raise DataError(f"{method} needs raw calibration columns for {target.name!r}: call compress(..., data=...) "
-                        "so the Calibrator collects them (methods with needs_raw = True)")
-    X, Y = stats.X.to(torch.float64).cpu(), stats.Y.to(torch.float64).cpu()
-    if X.shape[0] != target.matrix_shape[1] or Y.shape[0] != target.matrix_shape[0]:
-        raise DataError(f"{method}: calibration columns of {target.name!r} have shapes {tuple(X.shape)} / "
-                        f"{tuple(Y.shape)}, expected ({target.matrix_shape[1]}, n) / ({target.matrix_shape[0]}, n)")
-    return X, Y
 
 
-def conv_reason(target: Target) -> str | None:
-    """Why a conv cannot use the im2col data path (grouped convs), or None."""
-    if target.kind == "conv" and getattr(target.module, "groups", 1) != 1:
-        return "grouped convolutions have no single im2col matrix (groups != 1)"
-    return None
+
+
+
 
 
 @register
@@ -139,4 +115,4 @@ class DDLRMethod(Method):
         return build_lowrank(module, int(info["rank"]))
 
 
-__all__ = ["DDLRMethod", "activation_for", "raw_columns", "conv_reason", "RANK_RULES"]
+__all__ = ["DDLRMethod", "RANK_RULES"]

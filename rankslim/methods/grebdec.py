@@ -23,7 +23,8 @@ from ..options import Opt, bool_, either, float_, int_, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
 from .godec import ls_cost, ls_layer, ls_split
-from .prune import corrected_bias, data_info, data_prune, require_stats, sparse_card, sparse_cost
+from .common import corrected_bias, data_info, require_stats
+from .prune import data_prune, sparse_card, sparse_cost
 
 
 def _eta(value) -> float | str:

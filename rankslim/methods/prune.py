@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ..cost import Cost
-from ..errors import RankslimError
 from ..decompose.prune import iht_prune, magnitude_prune
 from ..layers.sparse import SPARSE_NOTE, build_sparse
 from ..options import Opt, bool_, either, float_, int_, optional
 from ..surgery import Target
+from .common import corrected_bias, data_info, require_stats
 from .base import DecomposeContext, Method, register
 
 
@@ -36,28 +36,13 @@ def sparse_cost(target: Target, card: int) -> Cost:
     return Cost(2 * card + bias, target.positions * card)
 
 
-def corrected_bias(target: Target, stats: Any, W_hat: torch.Tensor) -> torch.Tensor | None:
-    """Bias that removes the mean output error: ``b + (Σy − Ŵ Σx)/n`` (``None`` if the layer has no bias)."""
-    if not target.has_bias:
-        return None
-    b = target.module.bias.detach().to(torch.float64)
-    shift = (stats.y_sum - W_hat.to(stats.x_sum) @ stats.x_sum) / stats.n
-    return (b + shift.to(b)).to(target.module.bias)
 
 
-def require_stats(ctx: DecomposeContext, method: str, target: Target) -> Any:
-    """The calibration statistics in ``ctx``, or a clear error when a caller decomposed without them."""
-    if ctx.stats is None:
-        raise RankslimError(f"method {method!r} needs calibration statistics for layer {target.name!r}, but none "
-                            "were given (pass data=... to compress; allocators that build candidate models "
-                            "without a calibrator cannot use data-aware methods)")
-    return ctx.stats
 
 
-def data_info(stats: Any, W_hat: torch.Tensor) -> dict:
-    """Facts about the calibration fit worth reporting (JSON-able)."""
-    return {"output_rel_error": round(stats.relative_error(W_hat), 6), "calib_columns": int(stats.n),
-            "sequential": bool(stats.sequential)}
+
+
+
 
 
 def sparse_layer(target: Target, S: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -153,4 +138,4 @@ def data_prune(target: Target, card: int, rank: int, ctx: DecomposeContext,
     return layer, info
 
 
-__all__ = ["PruneMethod", "DataPruneMethod", "sparse_card", "sparse_cost", "corrected_bias", "data_prune", "require_stats"]
+__all__ = ["PruneMethod", "DataPruneMethod", "sparse_card", "sparse_cost", "data_prune"]

@@ -47,7 +47,7 @@ from ..layers.sparse import build_lowrank_sparse
 from ..options import Opt, any_, float_, int_, optional
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
-from .ddlr import activation_for, conv_reason, raw_columns
+from .common import activation_for, conv_reason, raw_columns
 from .svd import build_lowrank, lowrank_cost
 
 

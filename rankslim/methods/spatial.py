@@ -10,17 +10,11 @@ from ..decompose.spatial import spatial_matrix, spatial_max_rank, spatial_separa
 from ..errors import UnsupportedLayerError
 from ..layers.spatial import SpatialConv2d, split_padding
 from ..surgery import Target
+from .common import conv_geometry
 from .base import DecomposeContext, Method, ctx_weight, register
 
 
-def conv_geometry(target: Target) -> tuple[int, int, int, int, int, int, int, int]:
-    """``(N, C, kh, kw, H_in, W_in, H_out, W_out)`` of a conv target (per-sample shapes)."""
-    conv = target.module
-    N, C = conv.out_channels, conv.in_channels
-    kh, kw = conv.kernel_size
-    H_in, W_in = int(target.in_shape[-2]), int(target.in_shape[-1])
-    H_out, W_out = int(target.out_shape[-2]), int(target.out_shape[-1])
-    return N, C, kh, kw, H_in, W_in, H_out, W_out
+
 
 
 def spatial_cost(target: Target, rank: int) -> Cost:
@@ -100,4 +94,4 @@ class SpatialMethod(Method):
         return SpatialConv2d.like(module, int(info["rank"]))
 
 
-__all__ = ["SpatialMethod", "spatial_cost", "conv_geometry"]
+__all__ = ["SpatialMethod", "spatial_cost"]

@@ -26,30 +26,17 @@ from ..errors import RankError
 from ..layers.tucker import TuckerConv2d
 from ..options import Opt, int_
 from ..surgery import Target, select_targets
+from .common import conv_geometry, cum_energy as _cum_energy, knob_spectrum
 from .base import DecomposeContext, Method, register
-from .spatial import conv_geometry
 
 #: inputs with at most this many channels get Tucker-1 (Kim et al.: the first layer, C = 3)
 TUCKER1_MAX_IN = 4
 
 
-def knob_spectrum(captured: list[float], total_energy: float) -> torch.Tensor:
-    """Per-knob importance from a captured-energy curve ``captured[r - 1]`` in ``[0, 1]`` (r = 1..max).
-
-    Value ``r`` is ``sqrt((E(r) - E(r-1)) * total_energy)`` (clipped at 0), sorted descending, so that
-    ``sum(values[:r]**2) / sum(values**2)`` follows ``E`` wherever ``E`` is concave.  Float64.
-    """
-    e = torch.tensor([0.0] + list(captured), dtype=torch.float64).clamp(0.0, 1.0)
-    inc = (e[1:] - e[:-1]).clamp_min(0.0)
-    return (inc * total_energy).sqrt().sort(descending=True).values
 
 
-def _cum_energy(s: torch.Tensor, length: int) -> list[float]:
-    """Captured energy ``sum_{<=k} s^2 / sum s^2`` for k = 1..length (1 beyond the spectrum)."""
-    e = s.to(torch.float64) ** 2
-    tot = float(e.sum()) or 1.0
-    c = (torch.cumsum(e, 0) / tot).tolist()
-    return [c[min(k, len(c)) - 1] if c else 1.0 for k in range(1, length + 1)]
+
+
 
 
 def is_tucker1(target: Target) -> bool:
@@ -180,5 +167,5 @@ def evbmf_knobs(model: nn.Module, input_shape: Iterable[int], method: str = "tuc
     return out
 
 
-__all__ = ["TuckerMethod", "knob_to_ranks", "tucker_cost", "evbmf_knobs", "knob_spectrum", "is_tucker1",
+__all__ = ["TuckerMethod", "knob_to_ranks", "tucker_cost", "evbmf_knobs", "is_tucker1",
            "TUCKER1_MAX_IN"]

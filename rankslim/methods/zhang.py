@@ -12,7 +12,7 @@ from ..decompose.zhang import zhang_lowrank
 from ..options import Opt, bool_, float_
 from ..surgery import Target
 from .base import DecomposeContext, Method, register
-from .prune import corrected_bias, data_info, require_stats
+from .common import corrected_bias, data_info, require_stats
 from .svd import build_lowrank, lowrank_cost
 
 
