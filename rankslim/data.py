@@ -313,6 +313,19 @@ def as_loader(data: str | Dataset | DataLoader, batch_size: int = 256, split: st
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
+class _ListDataset(Dataset):
+    """A list of items seen as a map-style Dataset."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
 def _length(data: Dataset) -> int | None:
     try:
         return len(data)  # type: ignore[arg-type]
@@ -325,7 +338,7 @@ def calibration_batches(data: str | Dataset | DataLoader | torch.Tensor, n_sampl
     """``n_samples`` model inputs from ``data`` as a list of batches of up to ``batch_size`` samples.
 
     ``data`` is a dataset name (its *train* split: calibration never looks at test images), a
-    ``Dataset`` whose items are ``(x, y, ...)``, ``x`` or a dict of tensors, a ``DataLoader``
+    ``Dataset`` (or a list) whose items are ``(x, y, ...)``, ``x`` or a dict of tensors, a ``DataLoader``
     yielding such batches, or a tensor of inputs ``(N, ...)``.  A batch is a tensor, a tuple of
     tensors (positional inputs) or a dict of tensors (keyword inputs, ``label(s)`` keys dropped);
     ``transform`` (like NNCF's ``Dataset(data, transform_fn)``) maps each item or DataLoader batch to
@@ -342,6 +355,8 @@ def calibration_batches(data: str | Dataset | DataLoader | torch.Tensor, n_sampl
     n_samples = int(n_samples)
     if isinstance(data, str):
         data = load_dataset(data, "train")
+    if isinstance(data, list):  # a list of items is a map-style dataset
+        data = _ListDataset(data)
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
             raise DataError(f"calibration data is {_describe(data)}: it needs a leading dimension of samples")
