@@ -363,6 +363,15 @@ class _Accumulator:
         self.raw_X = torch.zeros(k, 0, dtype=torch.float64)
         self.raw_Y = torch.zeros(m, 0, dtype=torch.float64)
         self.positions = 0
+        # Gram route (fast scheme): accumulate k x k products of the inputs only and apply W once at the end,
+        # YX = W Σ xo xwᵀ, yy = tr(W (Σ xo xoᵀ) Wᵀ), y_sum = W Σ xo.  Independent mode then needs one k²n product
+        # instead of k²n + 2mkn; sequential mode needs three, which pays when k < m (expansions).  Raw columns
+        # and YY need the responses themselves, so they keep the direct route.
+        self.gram = cal.scheme == "fast" and not raw and self.YY is None and (not seq or k < m)
+        if self.gram:
+            self.XoXw = self.XX if not seq else torch.zeros(k, k, **f64)
+            self.XoXo = self.XX if not seq else torch.zeros(k, k, **f64)
+            self.xo_sum = self.x_sum if not seq else torch.zeros(k, **f64)
 
     def add_batch(self, xo_list: list[torch.Tensor], xw_list: list[torch.Tensor]) -> None:
         """One batch: the inputs of every call of the layer, original (``xo``) and work (``xw``)."""
@@ -400,6 +409,16 @@ class _Accumulator:
                 cw = cw.gather(2, idx) if seq else co
             Xo = co.transpose(0, 1).reshape(k, -1).to(torch.float64)
             Xw = cw.transpose(0, 1).reshape(k, -1).to(torch.float64) if seq else Xo
+            if self.gram:
+                self.XX += Xw @ Xw.T
+                self.x_sum += Xw.sum(1)
+                if seq:
+                    self.XoXw += Xo @ Xw.T
+                    self.XoXo += Xo @ Xo.T
+                    self.xo_sum += Xo.sum(1)
+                self.work_bytes = max(self.work_bytes, (Xo.numel() + Xw.numel() * seq) * 8)
+                self.n += Xw.shape[1]
+                continue
             Y = W @ Xo                                          # original pre-bias response
             self.XX += Xw @ Xw.T
             self.YX += Y @ Xw.T
@@ -420,6 +439,12 @@ class _Accumulator:
 
     def result(self) -> LayerStats:
         cal, t = self.cal, self.target
+        if self.gram:
+            W = self.W
+            self.YX = W @ self.XoXw
+            self.yy = float(((W @ self.XoXo) * W).sum())
+            self.y_sum = W @ self.xo_sum
+            self.gram = False  # the sums are final
         stats = LayerStats(t.name, t.kind, self.XX, self.YX, self.x_sum, self.y_sum, self.yy, self.n, self.seq,
                            self.YY, positions_per_sample=self.positions,
                            info={"samples": cal.n_samples, "max_positions": cal.max_positions,
@@ -625,10 +650,13 @@ class Calibrator:
         calls = g.calls.get(id(self._original.get_submodule(acc.target.name)), [])
         if not calls:
             raise DataError(f"layer {acc.target.name!r} is not called in the forward pass")
-        was = work_model.training if (seq and work_model is not None) else False
+        training: list[nn.Module] = []
         if seq:
             assert work_model is not None
-            work_model.eval()
+            # eval for the passes; exactly the modules that were training are put back (mixed modes survive)
+            training = [m for m in work_model.modules() if m.training]
+            for m in training:
+                m.training = False
             self._check_work(work_model)
         try:
             with torch.no_grad():
@@ -637,8 +665,8 @@ class Calibrator:
                     xw = self._fast_inputs("work", work_model, i, calls) if seq else xo
                     acc.add_batch(xo, xw)
         finally:
-            if seq:
-                work_model.train(was)
+            for m in training:
+                m.training = True
 
     # ----------------------------------------------------------------------------- per-layer scheme
 

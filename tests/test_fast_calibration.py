@@ -23,11 +23,12 @@ class Block(nn.Module):
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
         self.bn = nn.BatchNorm2d(c)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, 1)
+        self.expand = nn.Conv2d(c, 3 * c, 1)  # k < m: the Gram route in sequential mode
+        self.conv2 = nn.Conv2d(3 * c, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn(self.conv1(x)))
-        out = self.conv2(out)
+        out = self.conv2(torch.relu(self.expand(out)))
         out += x
         return torch.relu(out)
 
@@ -53,13 +54,14 @@ class Twice(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(6, 6)
         self.fc2 = nn.Linear(6, 6)
-        self.fc3 = nn.Linear(6, 4)
+        self.up = nn.Linear(6, 24)  # an expansion (k < m): the fast scheme's Gram route in sequential mode
+        self.fc3 = nn.Linear(24, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc1(x))
         x = self.fc2(x)
         x = self.fc1(torch.tanh(x))
-        return self.fc3(x)
+        return self.fc3(torch.relu(self.up(x)))
 
 
 class Branchy(Twice):
@@ -69,7 +71,7 @@ class Branchy(Twice):
         x = self.fc1(x)
         if float(x.sum()) > 0:
             x = -x
-        return self.fc3(self.fc2(x))
+        return self.fc3(self.up(self.fc2(x)))
 
 
 def _model(kind: str) -> tuple[nn.Module, tuple[int, ...], list[torch.Tensor]]:

@@ -1,0 +1,203 @@
+"""Data-aware compression time and peak memory: the per-layer calibration scheme vs the fast one (issue 11).
+
+torchvision ``mobilenet_v2`` (random weights: timings and memory do not depend on them) at 224x224, method
+``zhang`` (sequential, data-aware), ``macs=0.5`` (CPTV), seeded random calibration images.  Every configuration
+runs in a fresh subprocess so its peak resident memory (``VmHWM``) is its own; the table reports the peak
+minus the resident memory just before compression starts (model, calibration images and imports already
+loaded), i.e. what compression itself adds.  Two sweeps:
+
+* samples: 32 / 64 / 128 calibration images, all data-aware targets;
+* target layers: the first 8 / 16 data-aware targets (ranks at half of full: a MAC budget is out of reach
+  with so few targets), 32 images; "all" is the samples sweep's 32-image row.
+
+Each is run with ``Calibrator(scheme="per-layer")`` (today's scheme: one partial forward pass of the work
+model per target, quadratic in depth) and ``scheme="fast"`` (fx frontiers: about one forward pass of each
+model per batch and sweep).  Timings are wall-clock seconds with ``torch.set_num_threads(threads)``; the
+target is 128 images in under 60 s on 2 cores.
+
+    python benchmarks/calibration.py                      # full sweep (run alone on the machine), JSON + docs
+    python benchmarks/calibration.py --quick              # small check: 8/16 images, fast scheme + one per-layer
+    python benchmarks/calibration.py --docs               # regenerate docs/results/calibration.md from the JSON
+    python benchmarks/calibration.py --loaded ...         # mark the figures as measured on a shared, loaded machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "calibration.json"
+DOC = ROOT / "docs" / "results" / "calibration.md"
+
+
+def _vm(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` in bytes (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def child(cfg: dict) -> dict:
+    """One compression through the stages of :mod:`rankslim.pipeline`; timings per stage and peak memory."""
+    import torch
+    import torchvision
+
+    import rankslim.calibrate as calibrate
+    from rankslim import pipeline
+    from rankslim.allocate import Budget, get_allocator
+
+    torch.set_num_threads(cfg["threads"])
+    calibrate.DEFAULT_SCHEME = cfg["scheme"]
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    shape = (3, cfg["size"], cfg["size"])
+    images = torch.randn(cfg["samples"], *shape, generator=torch.Generator().manual_seed(1))
+    include = None
+    if cfg.get("layers"):
+        sel = pipeline.select(model, shape, "zhang")
+        include = [t.name for t in sel.targets][: cfg["layers"]]
+    base = _vm("VmRSS")
+    budget = Budget(macs=cfg["macs"])
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sel = pipeline.select(model, shape, "zhang", include=include)
+    t["select"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    cal = pipeline.calibrate(sel, images, calib_samples=cfg["samples"], seed=0)
+    t["calibrate"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    table = pipeline.cost_table(sel, cal, quantities=budget.quantities)
+    # a MAC budget is out of reach with a few targets: the layer sweep keeps half of every rank instead
+    allocator = get_allocator("cptv") if include is None else get_allocator("ratio", {"ratio": 0.5})
+    alloc = pipeline.allocate(sel, table, allocator, budget if include is None else Budget(), calibration=cal)
+    t["allocate"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    built = pipeline.build(sel, alloc, cal)
+    t["build"] = time.perf_counter() - t1
+    res = pipeline.finalize(sel, built, alloc, cal, budget=budget if include is None else Budget(), method="zhang",
+                            budget_request={"macs": cfg["macs"]} if include is None else {"ratio": 0.5})
+    total = time.perf_counter() - t0
+    c = cal.calibrator
+    frac = res.report.fractions()
+    return {**cfg, "targets": len(sel.targets), "decomposed": len(built.layer_plans), "seconds": total,
+            "stages": t, "peak_bytes": _vm("VmHWM"), "base_bytes": base, "added_peak_bytes": _vm("VmHWM") - base,
+            "scheme_used": c.scheme_used, "nodes_run": c.nodes_run, "restarts": c.restarts,
+            "peak_frontier_bytes": c.peak_frontier_bytes, "cache_bytes": c.cache_bytes,
+            "batches": len(c.batches), "graph_nodes": len(c._graph.nodes) if c._graph is not None else None,
+            "macs_kept": frac["macs"], "params_kept": frac["params"]}
+
+
+def run(cfg: dict, timeout: float) -> dict:
+    """:func:`child` in a fresh interpreter (its own peak memory); a run past ``timeout`` is recorded as such."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "PYTHONPATH": str(ROOT)}
+    try:
+        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "timed_out": timeout}
+    if p.returncode != 0:
+        raise SystemExit(f"configuration {cfg} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.0f}"
+
+
+def write_docs(data: dict) -> None:
+    """Generate docs/results/calibration.md from the JSON."""
+    loaded = data.get("loaded")
+    lines = ["# Calibration: per-layer vs fast scheme", "",
+             "Generated by `benchmarks/calibration.py` from `benchmarks/results/calibration.json`.", "",
+             "torchvision mobilenet_v2 (random weights), zhang (sequential, data-aware), macs 0.5 (CPTV), "
+             f"{data['size']}x{data['size']} inputs, {data['threads']} threads. *seconds*: whole compression "
+             "(select → finalize); *calibrate*: the calibration stage (original-input statistics for allocation); "
+             "*build*: decomposition with sequential statistics; *added peak*: peak resident memory minus the "
+             "resident memory before compression (model and images loaded), MiB; *frontiers*: the most bytes the "
+             "fast scheme's frontiers held (bounded by `cache_limit_bytes`, 1 GiB by default), MiB; "
+             "*forward passes*: graph nodes run ÷ graph nodes ÷ batches, per model (original + work).", ""]
+    if loaded:
+        lines += [f"> **Measured under load**: {loaded}. These are not clean timings; compare the schemes "
+                  "with each other, not with other tables.", ""]
+    lines += ["| sweep | samples | targets | scheme | seconds | calibrate | build | added peak MiB | "
+              "frontiers MiB | forward passes (orig + work) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        if "timed_out" in r:
+            lines.append(f"| {r['sweep']} | {r['samples']} | {r.get('layers') or 'all'} | {r['scheme']} | "
+                         f"> {r['timed_out']:.0f} (stopped) | | | | | |")
+            continue
+        passes = ""
+        if r["scheme_used"] == "fast" and r.get("graph_nodes"):
+            per = r["graph_nodes"] * r["batches"]
+            passes = f"{r['nodes_run']['original'] / per:.1f} + {r['nodes_run']['work'] / per:.1f}"
+        lines.append(f"| {r['sweep']} | {r['samples']} | {r['targets']} | {r['scheme_used']} | {r['seconds']:.1f} | "
+                     f"{r['stages']['calibrate']:.1f} | {r['stages']['build']:.1f} | {_mib(r['added_peak_bytes'])} | "
+                     f"{_mib(r['peak_frontier_bytes']) if r['scheme_used'] == 'fast' else ''} | {passes} |")
+    lines += ["", f"Measured on: {data['env']}.", ""]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--docs", action="store_true", help="only regenerate the docs table from the JSON")
+    ap.add_argument("--quick", action="store_true", help="small check (8/16 images, 112x112)")
+    ap.add_argument("--samples", type=int, nargs="+", default=None)
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="target-layer counts (0 = all)")
+    ap.add_argument("--schemes", nargs="+", default=["per-layer", "fast"])
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a configuration is stopped")
+    ap.add_argument("--loaded", default=None, help="say the machine was shared (text shown in the docs)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.docs:
+        write_docs(json.loads(args.out.read_text()))
+        return
+    import torch
+    size = args.size or (112 if args.quick else 224)
+    samples = args.samples or ([8, 16] if args.quick else [32, 64, 128])
+    layers = args.layers or ([8] if args.quick else [8, 16, 0])
+    configs = []
+    for scheme in args.schemes:
+        for n in samples:
+            configs.append({"sweep": "samples", "samples": n, "layers": 0})
+            configs[-1]["scheme"] = scheme
+        for nl in layers:
+            if nl:  # "all targets" at the smallest sample count is already in the samples sweep
+                configs.append({"sweep": "layers", "samples": min(samples), "layers": nl, "scheme": scheme})
+    out = {"env": {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+                   "load_average_at_start": os.getloadavg()},
+           "size": size, "threads": args.threads, "loaded": args.loaded, "runs": []}
+    for cfg in configs:
+        cfg.update(size=size, threads=args.threads, macs=0.5)
+        r = run(cfg, args.timeout)
+        out["runs"].append(r)
+        print(json.dumps({k: r.get(k) for k in ("sweep", "samples", "layers", "scheme", "seconds", "stages",
+                                               "added_peak_bytes", "timed_out")}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2))
+        tmp.replace(args.out)
+    out["env"]["load_average_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(out, indent=2))
+    if args.out == RESULTS:
+        write_docs(out)
+
+
+if __name__ == "__main__":
+    main()
