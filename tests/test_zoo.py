@@ -55,8 +55,9 @@ def test_pretrained_checkpoint_accuracy(name):
     model = get_zoo_model(name)
     assert not model.training
     # the recorded value is over the 10,000 test images; ResNet-20 is measured on the first 1,000 only
-    # (the full set takes ~40 s on one core; on that fixed subset it scores 91.90% vs 91.93% recorded)
-    n = 10_000 if name == "lenet5" else 1_000
+    # (the full set takes ~40 s on one core; on that fixed subset it scores 91.90% vs 91.93% recorded);
+    # the ViT is cheap enough for all 10,000 (its first 1,000 score 90.1%, 1.7 points off its 88.44%)
+    n = 10_000 if name in ("lenet5", "vit") else 1_000
     x, y = load_dataset("fashion-mnist", "test").tensors
     with torch.no_grad():
         pred = torch.cat([model(x[i:min(i + 500, n)]).argmax(1) for i in range(0, n, 500)])
