@@ -39,6 +39,35 @@ def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise RankslimError(f"--input-shape must look like 3,224,224, got {text!r}") from None
 
 
+def _glob_values(pairs: list[str], flag: str, kind: str) -> dict[str, str]:
+    """``'fc*=8,conv1=4'`` (comma-separated, repeatable) as ``{glob: value}``; ``kind`` describes a value in errors."""
+    out: dict[str, str] = {}
+    for item in ",".join(pairs).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        glob, sep, value = item.rpartition("=")
+        if not sep or not glob.strip() or not value.strip():
+            raise RankslimError(f"{flag} expects glob={kind} items such as 'fc*={'8' if kind == 'rank' else 'svd'}', "
+                                f"got {item!r}")
+        out[glob.strip()] = value.strip()
+    return out
+
+
+def _ranks(pairs: list[str]) -> Optional[object]:
+    """``--ranks``: one integer for every layer, or ``glob=rank`` items."""
+    if not pairs:
+        return None
+    if len(pairs) == 1 and pairs[0].strip().isdigit():
+        return int(pairs[0])
+    out = {}
+    for glob, value in _glob_values(pairs, "--ranks", "rank").items():
+        if not value.isdigit():
+            raise RankslimError(f"--ranks: the rank of {glob!r} must be a positive integer, got {value!r}")
+        out[glob] = int(value)
+    return out
+
+
 def _options(pairs: list[str], flag: str) -> dict:
     """Parse repeated ``key=value`` options; values are JSON when they parse (numbers, lists, dicts), else strings."""
     out = {}
@@ -96,7 +125,16 @@ def compress(
     ratio: Optional[float] = typer.Option(None, "--ratio", help="rank / full rank for every layer"),
     energy: Optional[float] = typer.Option(None, "--energy", help="keep this fraction of squared singular values"),
     allocator: Optional[str] = typer.Option(None, "--allocator", "-a", help="rank allocator for budgets (default cptv)"),
-    data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist | mnist | digits (calibration + accuracy)"),
+    data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist | mnist | digits (calibration + accuracy), "
+                                       "or your own calibration data: a .npy/.pt file of inputs or "
+                                       "package.module:function returning a Dataset, DataLoader or tensor"),
+    ranks: list[str] = typer.Option([], "--ranks", help="explicit ranks: one integer, or glob=rank items "
+                                                        "('fc*=8,conv1=4'; repeatable)"),
+    methods: list[str] = typer.Option([], "--methods", help="per-layer method: glob=name ('fc*=zhang'; repeatable); "
+                                                            "other layers use --method"),
+    example_inputs: Optional[str] = typer.Option(None, "--example-inputs",
+                                                 help="model inputs to count MACs on (token ids, tuples, dicts): a "
+                                                      ".pt/.npy file or package.module:function"),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="output directory (default: rankslim-out/<model>-<method>-<budget>); "
                                             "a non-empty directory rankslim did not write is refused"),
@@ -149,13 +187,22 @@ def compress(
         m_opts = _options(method_option, "--method-option")
         a_opts = _options(allocator_option, "--allocator-option")
         spec = resolve_model(model, input_shape=_shape(input_shape))
-        shape = _require_shape(spec)
-        dataset = data or spec.dataset
+        from .data import DATASETS
+        from .inputs import load_user_object
+        example = load_user_object(example_inputs, "--example-inputs") if example_inputs else None
+        # a name is a bundled dataset (calibration + accuracy); anything else is the user's calibration data
+        own_data = load_user_object(data, "--data") if data is not None and data not in DATASETS else None
+        shape = spec.input_shape if (example is not None or own_data is not None) else _require_shape(spec)
+        dataset = (data if own_data is None else None) or (spec.dataset if own_data is None else None)
+        rank_map = _ranks(ranks)
+        method_map = _glob_values(methods, "--methods", "method") or None
         try:
             result = api.compress(
                 spec.model, method, params=params, macs=macs, ratio=ratio, energy=energy, allocator=allocator,
-                input_shape=shape, include=include or None, exclude=exclude or None,
-                min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to, data=dataset,
+                ranks=rank_map, methods=method_map, example_inputs=example,
+                input_shape=shape if example is None else None, include=include or None, exclude=exclude or None,
+                min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
+                data=own_data if own_data is not None else dataset,
                 calib_samples=calib_samples, sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate,
                 progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts)
         except (TypeError, ValueError) as exc:

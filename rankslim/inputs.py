@@ -212,6 +212,47 @@ def tokens_per_sample(example: Inputs) -> int | None:
     return int(t.shape[1]) if (not t.is_floating_point() and t.dim() == 2) else None
 
 
-__all__ = ["Inputs", "batch_size", "call_model", "concat_batches", "describe", "example_from", "input_description",
+def load_user_object(spec: str, flag: str) -> Any:
+    """What a command-line ``spec`` names: a ``.npy`` file (a tensor; never unpickled), a ``.pt``/``.pth``
+    file of tensors (``torch.load(weights_only=True)``: a tensor, tuple, list or dict of tensors), or
+    ``package.module:function`` / ``file.py:function`` returning anything (a Dataset, DataLoader, tensor,
+    tuple or dict).  ``flag`` names the option in errors (:class:`DataError`).
+    """
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if spec.endswith(".npy"):
+        if not path.is_file():
+            raise DataError(f"{flag} {spec}: no such file")
+        import numpy as np
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except Exception as exc:
+            raise DataError(f"{flag} {spec}: cannot read it as a numpy array ({exc})") from exc
+    if spec.endswith((".pt", ".pth")):
+        if not path.is_file():
+            raise DataError(f"{flag} {spec}: no such file")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"{flag} {spec}: not a file of tensors ({str(exc).splitlines()[0] if str(exc) else exc})"
+                            ) from exc
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not fn_name.replace(".", "_").isidentifier():
+        raise DataError(f"{flag} {spec!r}: expected a .npy or .pt file, or package.module:function / file.py:function")
+    from .zoo import _import_from_file, _import_module
+    try:
+        module = _import_from_file(Path(mod_name).expanduser()) if mod_name.endswith(".py") else _import_module(mod_name)
+        fn = module
+        for part in fn_name.split("."):
+            fn = getattr(fn, part)
+    except Exception as exc:
+        raise DataError(f"{flag} {spec}: cannot import it ({type(exc).__name__}: {exc})") from exc
+    if not callable(fn):
+        raise DataError(f"{flag} {spec}: {fn_name} is not callable")
+    return fn()
+
+
+__all__ = ["Inputs", "load_user_object", "batch_size", "call_model", "concat_batches", "describe", "example_from", "input_description",
            "is_inputs", "is_shape", "map_tensors", "model_device_dtype", "primary", "sample_shape", "slice_batch",
            "split_batch", "stack_samples", "tensors", "to_model", "tokens_per_sample"]

@@ -141,3 +141,31 @@ def test_bad_inputs_give_one_clear_error():
         calibration_batches(ragged, 2)
     with pytest.raises(DataError, match="the model failed on calibration inputs"):
         check_batches(model, [{"input_ids": torch.zeros(2, T, dtype=torch.long), "bogus": torch.zeros(2)}], None)
+
+
+def make_token_model() -> nn.Module:
+    """For the CLI (``tests.test_inputs_any:make_token_model``)."""
+    torch.manual_seed(0)
+    return TokenModel().eval()
+
+
+def test_cli_ranks_methods_own_data_and_example_inputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from rankslim.cli import app
+    ids = torch.randint(1, VOCAB, (40, T), generator=torch.Generator().manual_seed(3))
+    torch.save(ids[:1], tmp_path / "example.pt")
+    import numpy as np
+    np.save(tmp_path / "calib.npy", ids.numpy())
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["compress", "tests.test_inputs_any:make_token_model", "--example-inputs",
+                                 str(tmp_path / "example.pt"), "--data", str(tmp_path / "calib.npy"),
+                                 "--ranks", "fc1=4", "--ranks", "fc2=6", "--methods", "fc2=zhang", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    back = rankslim.load(out / "model.rankslim", model=make_token_model())
+    # the ranks asked for, measured on the rebuilt layers' factor shapes; fc2 was built by zhang
+    assert back.fc1.first.weight.shape[0] == 4 and back.fc2.first.weight.shape[0] == 6
+    assert rankslim.plan.get_plan(back).layers[1].method == "zhang"
+    bad = CliRunner().invoke(app, ["compress", "tests.test_inputs_any:make_token_model", "--example-inputs",
+                                   str(tmp_path / "example.pt"), "--ranks", "fc1", "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "glob=rank" in bad.output
