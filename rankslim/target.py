@@ -109,17 +109,30 @@ def finetune_compressed(result: CompressionResult, original: nn.Module, data: An
     """Fine-tune ``result.model`` in place for ``epochs`` epochs on ``data`` (training data), distilling from
     ``original`` unless ``options["distill"]`` is False; other ``options`` go to :func:`rankslim.finetune`
     (``lr``, ``temperature``, ``alpha``, ``train_samples``, ``val_fraction`` (default 0: the caller holds out
-    its own data), ...).  Returns what it did (settings, seconds) for the report; the plan stays attached."""
+    its own data), ...).  With a held-out split (``val_fraction > 0``) a fine-tune that ends below the accuracy
+    it started from is undone (``kept: "compressed"``, and a report note).  Returns what it did (settings,
+    seconds, held-out accuracies) for the report; the plan stays attached."""
     from .train import finetune
     opts = dict(options or {})
     distill = bool(opts.pop("distill", True))
     opts.setdefault("val_fraction", 0.0)
     opts.setdefault("seed", seed)
     t0 = time.perf_counter()
+    start = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
     res = finetune(result.model, data, teacher=original if distill else None, epochs=int(epochs), inplace=True,
                    progress=progress, **opts)
     info = {"epochs": int(epochs), "distill": distill, **{k: v for k, v in opts.items() if k != "seed"},
-            "seconds": round(time.perf_counter() - t0, 2), "epochs_run": len(res.history)}
+            "seconds": round(time.perf_counter() - t0, 2), "epochs_run": len(res.history),
+            "held_out_before": res.val_acc_before, "held_out_after": res.val_acc_after}
+    if res.val_acc_after is not None and res.val_acc_before is not None and res.val_acc_after < res.val_acc_before:
+        # a diverged or harmful fine-tune (too large a learning rate) must not replace a better model
+        result.model.load_state_dict(start)
+        info["kept"] = "compressed"
+        result.report.notes.append(
+            f"fine-tuning lowered held-out accuracy ({100 * res.val_acc_before:.2f}% -> {100 * res.val_acc_after:.2f}%): "
+            "the compressed model was kept; try a smaller learning rate")
+    else:
+        info["kept"] = "finetuned"
     result.report.metrics["finetune"] = info
     return info
 

@@ -69,3 +69,25 @@ def test_rank_rule_and_bad_ratio():
     assert lrpet_rank((10, 3), 0.99) == 1
     with pytest.raises(RankError):
         lrpet_rank((4, 4), 1.0)
+
+
+def test_projection_matches_algorithm1_matrix_formulas_with_negative_and_tiny_gamma():
+    # Algorithm 1 lines 5-10 written with the paper's matrices (numpy, float64), independent of project_weight's
+    # row-wise shortcut: W~ = Gamma Sigma^-1 W, top-r SVD with alpha = ||s|| / ||s_1:r||, then eq. 10
+    # W^ = [(Gamma Sigma^-1)^T Gamma Sigma^-1 + eps I]^-1 (Gamma Sigma^-1)^T W~'.
+    rng = np.random.default_rng(3)
+    m, n, r, eps = 6, 10, 2, 1e-5
+    W = rng.standard_normal((m, n))
+    gamma = np.array([1.3, -0.7, 2e-3, 0.9, -1.1, 0.4])   # a negative and a nearly-dead channel
+    var = np.array([0.5, 2.0, 1.0, 3.0, 0.25, 1.5])
+    D = np.diag(gamma / np.sqrt(var))
+    U, s, Vt = np.linalg.svd(D @ W, full_matrices=False)
+    s_new = np.zeros_like(s)
+    s_new[:r] = s[:r] * np.linalg.norm(s) / np.linalg.norm(s[:r])
+    Wt_prime = U @ np.diag(s_new) @ Vt
+    expected = np.linalg.solve(D.T @ D + eps * np.eye(m), D.T @ Wt_prime)
+    got = project_weight(torch.tensor(W), r, scale=torch.tensor(gamma / np.sqrt(var)), eps=eps).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert np.linalg.matrix_rank(got, tol=1e-9) == r
+    # the rectified, energy-transferred weight keeps the Frobenius norm of Gamma Sigma^-1 W (eq. 6 on W~)
+    assert np.linalg.norm(Wt_prime) == pytest.approx(np.linalg.norm(D @ W), rel=1e-12)
