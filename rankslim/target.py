@@ -15,17 +15,15 @@ layers, so the whole search is O(log(1 / tol)) evaluations.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .allocate import Budget
-from .errors import BudgetError, DataError, OptionError, RankslimError
+from .errors import BudgetError, DataError, OptionError
 from .pipeline import (CompressionResult, allocate, build, calibrate, choose_allocator, cost_table, finalize,
                        select)
 

@@ -9,7 +9,7 @@ from torch.utils.data import Subset, TensorDataset
 import rankslim
 from rankslim import pipeline
 from rankslim.data import load_dataset
-from rankslim.errors import BudgetError, DataError, OptionError, RankslimError
+from rankslim.errors import BudgetError, DataError, OptionError
 from rankslim.target import parse_drop
 from tests.conftest import TinyNet, train_on_digits
 
