@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import InputShapeError
-from .inputs import Inputs, call_model, describe, example_from, is_inputs, tensors
+from .inputs import Inputs, call_model, describe, example_from, is_inputs
 
 #: what the cost functions run the model on: a per-sample shape (zero float input) or example inputs (batch of 1)
 ShapeOrExample = Union[tuple[int, ...], Inputs]

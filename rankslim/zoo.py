@@ -1,4 +1,4 @@
-"""Reference models (LeNet-5, ResNet-20 for 28x28 single-channel inputs) and model specifications.
+"""Reference models (LeNet-5, ResNet-20, a small ViT for 28x28 single-channel inputs) and model specifications.
 
 A *model spec* is how the CLI and :func:`rankslim.compress` name a model:
 
