@@ -147,7 +147,19 @@ def cosine_agreement(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> fl
     return float((cos * mask).sum() / mask.sum())
 
 
-def run(quick: bool) -> dict:
+def _compress(model, method, speed: dict | None, **kw):
+    """``rankslim.compress`` (speed-aware when ``speed`` is given); ``None`` when the budget is then infeasible."""
+    try:
+        return rankslim.compress(model, method, speed_aware=speed or False, **kw)
+    except rankslim.BudgetError:
+        if speed is None:
+            raise
+        return None
+
+
+def run(quick: bool, speed_aware: bool = False) -> dict:
+    """One full pass; ``speed_aware`` compresses with ``speed_aware={"batch": latency batch}`` (layers
+    factorized only where measured faster) and records ``None`` where a budget then cannot be met."""
     torch.set_num_threads(1)
     out: dict = {"env": {"torch": torch.__version__, "python": platform.python_version(), "threads": 1,
                          "load_before": os.getloadavg()[0]},
@@ -166,10 +178,13 @@ def run(quick: bool) -> dict:
     for method in METHODS:
         for f in FRACTIONS:
             t0 = time.perf_counter()
-            res = rankslim.compress(vit, method, params=whole_model_budget(vit, "blocks.", f), include=["blocks.*"],
-                                    input_shape=(1, 28, 28),
-                                    data="fashion-mnist" if method != "svd" else None, calib_samples=256)
+            res = _compress(vit, method, {"batch": len(x_lat)} if speed_aware else None,
+                            params=whole_model_budget(vit, "blocks.", f), include=["blocks.*"], input_shape=(1, 28, 28),
+                            data="fashion-mnist" if method != "svd" else None, calib_samples=256)
             secs = time.perf_counter() - t0
+            if res is None:
+                rows.append({"method": method, "fraction": f, "infeasible": True})
+                continue
             m = res.model
             rows.append({"method": method, "fraction": f, "accuracy": evaluate_accuracy(m, test, max_samples=n_eval),
                          "linear_params": linear_params(m, "blocks."), "seconds": round(secs, 1),
@@ -197,10 +212,14 @@ def run(quick: bool) -> dict:
     for method in METHODS:
         for f in FRACTIONS:
             t0 = time.perf_counter()
-            res = rankslim.compress(bert, method, params=whole_model_budget(bert, "encoder.", f),
-                                    include=["encoder.*"], example_inputs={k: v[:1] for k, v in cal.items()},
-                                    data=cal_items if method != "svd" else None, calib_samples=n_cal)
+            res = _compress(bert, method, {"batch": 32} if speed_aware else None,
+                            params=whole_model_budget(bert, "encoder.", f), include=["encoder.*"],
+                            example_inputs={k: v[:1] for k, v in cal.items()},
+                            data=cal_items if method != "svd" else None, calib_samples=n_cal)
             secs = time.perf_counter() - t0
+            if res is None:
+                rows.append({"method": method, "fraction": f, "infeasible": True})
+                continue
             with torch.no_grad():
                 hid = res.model(**ev).last_hidden_state
             rows.append({"method": method, "fraction": f, "cosine": cosine_agreement(hid, ref, ev["attention_mask"]),
@@ -273,6 +292,25 @@ def write_docs(res: dict) -> str:
               "\"must not be slower\" is not met for the ViT).", "",
               "grebdec layers hold a sparse part stored as a dense masked matrix (see `rankslim/layers/sparse.py`), "
               "so they are not faster than the dense layer on a CPU; their saving is in stored numbers.", ""]
+    sa = res.get("speed_aware_run")
+    if sa:
+        def cell(r: dict, key: str, fmt) -> str:
+            return "infeasible" if r.get("infeasible") else fmt(r[key])
+        lines += ["## Speed-aware mode (`compress(..., speed_aware={\"batch\": B})`)", "",
+                  "The same runs with each layer factorized only at ranks where it was measured at least 5% faster "
+                  "than dense, alone, at the latency batch (timings cached per machine). Budgets are still met "
+                  "exactly, so a budget that needs slower layers is *infeasible* (refused with the reason). Latencies "
+                  "in this section come from one process (original re-measured in it).", "",
+                  f"ViT original encoder: {sa['vit']['latency_ms']:.2f} ms; BERT original: "
+                  f"{sa['bert']['latency_ms']:.2f} ms.", "",
+                  "| model | Linear params kept | method | quality | latency | vs original |", "|---|---|---|---|---|---|"]
+        for name, key, fmt in (("vit", "accuracy", lambda x: f"{100 * x:.2f}%"), ("bert", "cosine", lambda x: f"{x:.4f}")):
+            base = sa[name]["latency_ms"]
+            for r in sa[name]["rows"]:
+                lines.append(f"| {name} | {r['fraction']:.1f} | {r['method']} | {cell(r, key, fmt)} | "
+                             f"{cell(r, 'latency_ms', lambda x: f'{x:.2f} ms')} | "
+                             f"{cell(r, 'latency_ms', lambda x: f'{base / x:.2f}x')} |")
+        lines.append("")
     text = "\n".join(lines)
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
@@ -284,9 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--speed-aware", action="store_true",
+                    help="add a speed-aware pass to the existing JSON (run it on a quiet machine)")
     args = ap.parse_args(argv)
     if args.docs:
         res = json.loads(RESULTS.read_text())
+    elif args.speed_aware:
+        res = json.loads(RESULTS.read_text())
+        res["speed_aware_run"] = run(args.quick, speed_aware=True)
+        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     else:
         res = run(args.quick)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ from torch import nn
 
 from .allocate import Budget
 from .decompose.svd import SOLVERS
-from .errors import OptionError, RankslimError
+from .errors import BudgetError, OptionError, RankslimError
 from .pipeline import (CompressionResult, allocate, build, calibrate, choose_allocator, cost_table, finalize,
-                       select)
+                       select, speed_aware as speed_aware_table)
 
 
 def compress(
@@ -51,6 +51,7 @@ def compress(
     finetune_options: Mapping[str, Any] | None = None,
     example_inputs: Any = None,
     transform: Callable[[Any], Any] | None = None,
+    speed_aware: bool | Mapping[str, Any] = False,
 ) -> CompressionResult:
     """Compress ``model`` by replacing Conv2d/Linear layers with factorized ones.
 
@@ -87,6 +88,11 @@ def compress(
     ``transform`` maps each item (or DataLoader batch) of ``data`` to model inputs, as NNCF's
     ``Dataset(data, transform_fn)``.
 
+    Speed-aware mode: ``speed_aware=True`` (or ``{"batch": 32, "threads": 4, "runtime": "onnxruntime"}``)
+    times each layer's dense and factorized forms on this machine (cached on disk) and factorizes a layer only
+    at ranks where it is measurably faster (5% margin); budgets are still met exactly.  The report says which
+    layers it kept dense and the measurements (``report.metrics["speed_aware"]``).
+
     Accuracy target: ``max_drop=0.01`` (or ``"1%"``) returns the SMALLEST budget (fraction of ``params``, or
     of ``macs`` when ``macs=`` is given; a given fraction is the largest allowed) whose model loses at most
     that much top-1 accuracy on a held-out part of the TRAINING data (``eval_data``, else 10 % of ``data``)
@@ -117,6 +123,9 @@ def compress(
         if ratio is not None or energy is not None or ranks is not None or inplace:
             raise OptionError("max_drop searches a params/macs budget: it cannot be combined with ratio, energy, "
                               "ranks or inplace=True")
+        if speed_aware:
+            raise OptionError("speed_aware is not combined with max_drop yet: run the accuracy search, then "
+                              "compress at the budget it found with speed_aware=True")
         from .target import compress_within_drop
         return compress_within_drop(
             model, input_shape, max_drop=max_drop, method=method, params=params, macs=macs, allocator=allocator,
@@ -144,8 +153,23 @@ def compress(
 
     t0 = time.perf_counter()
     table = cost_table(sel, cal, quantities=budget.quantities, round_to=round_to, keep_head=keep_head)
-    allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
-                          eval_fn=eval_fn)
+    check = None
+    if speed_aware:
+        opts = dict(speed_aware) if isinstance(speed_aware, Mapping) else {}
+        unknown = set(opts) - {"runtime", "batch", "threads", "margin", "samples"}
+        if unknown:
+            raise OptionError(f"speed_aware takes runtime, batch, threads, margin, samples; not {sorted(unknown)}")
+        table, check = speed_aware_table(sel, table, **opts)
+    try:
+        allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
+                              eval_fn=eval_fn)
+    except BudgetError as exc:
+        if check is None:
+            raise
+        never = sum(1 for lo in table.layers if not any(lo.faster(r) for r in (1, lo.max_rank)))
+        raise BudgetError(f"{exc} Speed-aware: {never} of {len(table.layers)} layer(s) were measured no faster "
+                          f"factorized at batch {check.batch}, so they stay dense; try a larger --speed-batch, "
+                          "a larger budget, or without speed-aware mode.") from None
     timings["allocate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -155,6 +179,16 @@ def compress(
     result = finalize(sel, built, allocation, cal, budget=budget, method=method,
                       budget_request={"params": params, "macs": macs, "ratio": ratio, "energy": energy},
                       bn_recalibrate=bn_recalibrate, timings=timings, was_training=was_training)
+    if check is not None:
+        slow = [lo.name for lo in table.layers if allocation.get(lo.name) is None and lo.faster is not None
+                and not any(lo.faster(r) for r in range(1, lo.max_rank + 1, max(1, lo.max_rank // 32)))]
+        result.report.notes.append(
+            f"speed-aware ({check.runtime}, batch {check.batch}, {check.threads} thread(s)): a layer is factorized only "
+            f"at ranks measured at least {check.margin:.0%} faster than dense; {len(slow)} layer(s) were not faster "
+            f"at any rank and stay dense" + (f": {', '.join(slow[:8])}{' ...' if len(slow) > 8 else ''}" if slow else ""))
+        result.report.metrics["speed_aware"] = {"runtime": check.runtime, "batch": check.batch,
+                                                "threads": check.threads, "margin": check.margin,
+                                                "never_faster": slow, "measured_ms": check.measured}
     if finetune_epochs:
         from .target import finetune_compressed
         finetune_compressed(result, sel.original, data if data is not None else dataset_name, finetune_epochs,

@@ -165,6 +165,10 @@ def compress(
                                                help="allocator option key=value (JSON value), repeatable"),
     bn_recalibrate: bool = typer.Option(False, "--bn-recalibrate",
                                         help="re-estimate BatchNorm statistics on the calibration data"),
+    speed_aware: bool = typer.Option(False, "--speed-aware",
+                                     help="factorize a layer only at ranks measured faster than dense on this machine "
+                                          "(timings cached; budgets still met exactly)"),
+    speed_batch: int = typer.Option(1, "--speed-batch", help="batch size the speed-aware timings use"),
     max_drop: Optional[str] = typer.Option(
         None, "--max-drop", help="accuracy target: the smallest budget whose model loses at most this much accuracy "
                                  "on held-out TRAINING data, e.g. 1% or 0.01 (searches --params, or --macs if given; "
@@ -238,7 +242,7 @@ def compress(
                 min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
                 data=own_data if own_data is not None else dataset,
                 calib_samples=calib_samples, sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate,
-                progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts,
+                speed_aware={"batch": speed_batch} if speed_aware else False, progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts,
                 max_drop=max_drop, finetune_epochs=finetune_epochs if max_drop is not None else 0,
                 finetune_options=ft_opts if max_drop is not None and finetune_epochs else None)
         except (TypeError, ValueError) as exc:

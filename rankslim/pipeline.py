@@ -322,6 +322,43 @@ def cost_table(selection: Selection, calibration: Calibration | None = None, *, 
     return CostTable(options, selection.original_cost, round_to=round_to, quantities=tuple(quantities) or ("params",))
 
 
+@dataclass
+class SpeedCheck:
+    """How speed-aware mode timed the layers: runtime, batch, threads, margin, and per layer the dense and
+    sampled factorized medians (ms) from :func:`rankslim.latency_cache.measure_layer` (cached on disk)."""
+
+    runtime: str = "eager"
+    batch: int = 1
+    threads: int = 1
+    margin: float = 0.05
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def speed_aware(selection: Selection, table: CostTable, *, runtime: str = "eager", batch: int = 1, threads: int = 1,
+                margin: float = 0.05, samples: int = 8) -> tuple[CostTable, SpeedCheck]:
+    """``table`` where a layer may be factorized only at ranks where it is measurably faster than dense.
+
+    Each target's dense layer and its factorized layer at ~``samples`` ranks are timed alone on the target
+    runtime (cached per machine, runtime, dtype, batch, threads, geometry: :mod:`rankslim.latency_cache`); a rank
+    counts as faster when its interpolated time is below ``(1 - margin)`` of dense.  Budgets are unchanged:
+    params and MACs are still met exactly; layers that would only be slower stay dense.
+    """
+    from .latency_cache import interpolate, measure_layer, rank_grid
+    check = SpeedCheck(runtime, int(batch), int(threads), float(margin))
+    targets = {t.name: t for t in selection.targets}
+    layers = []
+    for lo in table.layers:
+        got = measure_layer(selection.methods[lo.name], targets[lo.name], rank_grid(lo.max_rank, samples),
+                            runtime=runtime, batch=batch, threads=threads)
+        check.measured[lo.name] = got
+        dense_ms, times = float(got["dense"]), {int(k): float(v) for k, v in got["ranks"].items()}
+
+        def faster(r: int, times=times, dense_ms=dense_ms) -> bool:
+            return interpolate(times, r) < (1.0 - margin) * dense_ms
+        layers.append(dataclasses.replace(lo, faster=faster))
+    return CostTable(layers, table.original, round_to=table.round_to, quantities=table.quantities), check
+
+
 # ------------------------------------------------------------------------------------------ allocate
 
 

@@ -106,3 +106,27 @@ def test_stages_reused_for_several_budgets():
     # building on copies never touched the selection's working model nor the user's model
     assert all(isinstance(t.module, (nn.Conv2d, nn.Linear)) for t in sel.targets)
     assert type(sel.model.fc1) is nn.Linear and type(spec.model.fc1) is nn.Linear
+
+
+def test_speed_aware_keeps_slower_layers_dense(monkeypatch, tmp_path):
+    """With made-up timings (factorized never faster for one layer), that layer stays dense and the budget is met."""
+    import pytest
+    from rankslim import latency_cache
+    slow = {"name": "conv2"}
+
+    def fake(method, target, ranks, **kw):
+        is_slow = target.name == slow["name"]
+        return {"dense": 1.0, "ranks": {int(r): (2.0 if is_slow else 0.1 + 0.001 * r) for r in ranks}}
+    monkeypatch.setattr(latency_cache, "measure_layer", fake)
+    spec = rankslim.zoo.resolve_model("zoo:lenet5")
+    res = rankslim.compress(spec.model, params=0.5, input_shape=spec.input_shape, speed_aware=True)
+    assert type(res.model.conv2) is nn.Conv2d and torch.equal(res.model.conv2.weight, spec.model.conv2.weight)
+    assert not isinstance(res.model.fc1, nn.Linear)
+    assert count_params(res.model) <= 0.5 * count_params(spec.model)
+    assert res.report.metrics["speed_aware"]["never_faster"] == ["conv2"]
+    # fc1 holds most parameters: if it is never faster a small budget cannot be met, and the refusal says so
+    slow["name"] = "fc1"
+    with pytest.raises(rankslim.BudgetError, match="cannot be met"):
+        rankslim.compress(spec.model, params=0.5, input_shape=spec.input_shape, speed_aware=True)
+    with pytest.raises(rankslim.OptionError, match="speed_aware takes"):
+        rankslim.compress(spec.model, params=0.7, input_shape=spec.input_shape, speed_aware={"batchsize": 2})

@@ -62,6 +62,8 @@ class LayerOption:
     sigma: torch.Tensor
     method: str = "svd"
     min_rank: int = 1
+    #: speed-aware mode: ``faster(r)`` is True when the factorized layer at knob ``r`` is measurably faster
+    faster: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -96,8 +98,11 @@ class CostTable:
         return max(1, min(r, lo.max_rank))
 
     def worth_it(self, lo: LayerOption, r: int) -> bool:
-        """True when the factorized layer at knob ``r`` is cheaper than dense in every budgeted quantity."""
+        """True when the factorized layer at knob ``r`` is cheaper than dense in every budgeted quantity
+        (and, in speed-aware mode, measurably faster)."""
         c = lo.cost_fn(r)
+        if lo.faster is not None and not lo.faster(r):
+            return False
         return all(c.get(q) < lo.dense.get(q) for q in self.quantities)
 
     def decide(self, lo: LayerOption, r: int | None) -> int | None:
