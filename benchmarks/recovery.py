@@ -110,7 +110,7 @@ def write_docs(data: dict, quick: bool) -> str:
              "compressed model is kept), so a fine-tuned figure equal to the compressed one means no gain was found.",
              "",
              "| model | params | measured params | original | compressed | fine-tuned (CE) | fine-tuned (KD) | "
-             "KD gap to original |", "|---|---|---|---|---|---|---|---|"]
+             "KD: points below original |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['params']} | impossible: {r['error'][:80]} | | | | | |")
