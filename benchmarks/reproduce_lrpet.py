@@ -39,13 +39,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--rank-ratio", type=float, default=0.6)
+    ap.add_argument("--subset", type=int, default=None,
+                    help="train on the first N training images (a short schedule; results go to lrpet_subsetN.*)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if args.quick else list(range(args.seeds))
     epochs = 1 if args.quick else args.epochs
     train = load_dataset("fashion-mnist", "train")
-    if args.quick:
-        train = Subset(train, list(range(6000)))
+    if args.quick or args.subset:
+        train = Subset(train, list(range(args.subset or 6000)))
     test = load_dataset("fashion-mnist", "test")
     P = args.rank_ratio
     rows: dict[str, list[float]] = {}
@@ -81,12 +83,12 @@ def main() -> None:
         t0 = time.perf_counter()
         fn()
         times[name] = time.perf_counter() - t0
-    out = {"settings": {"quick": args.quick, "seeds": seeds, "epochs": epochs, "rank_ratio": P, "lr": 0.1,
+    out = {"settings": {"quick": args.quick, "subset": args.subset or (6000 if args.quick else None), "seeds": seeds, "epochs": epochs, "rank_ratio": P, "lr": 0.1,
                         "schedule": "step", "batch_size": 128, "weight_decay": 5e-4},
            "accuracy": {k: {"mean": statistics.mean(v), "values": v} for k, v in rows.items()},
            "seconds_per_epoch": times, "ratio_to_sgd": {k: v / times["SGD"] for k, v in times.items()}}
     RESULTS.mkdir(exist_ok=True)
-    stem = "lrpet_quick" if args.quick else "lrpet"
+    stem = "lrpet_quick" if args.quick else (f"lrpet_subset{args.subset}_e{epochs}" if args.subset else "lrpet")
     atomic_write_bytes(RESULTS / f"{stem}.json", json.dumps(out, indent=2).encode())
     md = ["| row | test accuracy (%) |", "|---|---|"] + [f"| {k} | {_mean_std(v)} |" for k, v in rows.items()]
     md += ["", "| method | s / epoch | × SGD |", "|---|---|---|"]
