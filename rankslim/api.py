@@ -126,6 +126,9 @@ def compress(
         if speed_aware:
             raise OptionError("speed_aware is not combined with max_drop yet: run the accuracy search, then "
                               "compress at the budget it found with speed_aware=True")
+        if example_inputs is not None or transform is not None:
+            raise OptionError("max_drop searches models that take one image tensor for now: example_inputs and "
+                              "transform cannot be combined with it yet")
         from .target import compress_within_drop
         return compress_within_drop(
             model, input_shape, max_drop=max_drop, method=method, params=params, macs=macs, allocator=allocator,
