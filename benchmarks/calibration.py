@@ -97,6 +97,38 @@ def child(cfg: dict) -> dict:
             "macs_kept": frac["macs"], "params_kept": frac["params"]}
 
 
+def svd_saving(threads: int) -> dict:
+    """One SVD per weight: spectra + allocation and build of torchvision resnet50 (data-free ``svd``, macs 0.5,
+    CPTV) with the decomposition cache off and on; wall and CPU seconds, cache hits and bytes held."""
+    import torch
+    import torchvision
+
+    from rankslim import pipeline
+    from rankslim.allocate import Budget, get_allocator
+    from rankslim.decompose.svd import SVD_CACHE, SVD_CACHE_BYTES, clear_svd_cache, set_svd_cache_limit
+
+    torch.set_num_threads(threads)
+    out: dict = {}
+    for limit in (0, SVD_CACHE_BYTES):
+        set_svd_cache_limit(limit)
+        clear_svd_cache()
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(weights=None).eval()
+        sel = pipeline.select(model, (3, 224, 224), "svd")
+        budget = Budget(macs=0.5)
+        t1, c1 = time.perf_counter(), time.process_time()
+        table = pipeline.cost_table(sel, None, quantities=budget.quantities)
+        alloc = pipeline.allocate(sel, table, get_allocator("cptv"), budget)
+        t2, c2 = time.perf_counter(), time.process_time()
+        pipeline.build(sel, alloc, None)
+        t3, c3 = time.perf_counter(), time.process_time()
+        out["cache" if limit else "no_cache"] = {
+            "spectra_allocate_wall": t2 - t1, "spectra_allocate_cpu": c2 - c1, "build_wall": t3 - t2,
+            "build_cpu": c3 - c2, **SVD_CACHE.info()}
+    set_svd_cache_limit(SVD_CACHE_BYTES)
+    return out
+
+
 def run(cfg: dict, timeout: float) -> dict:
     """:func:`child` in a fresh interpreter (its own peak memory); a run past ``timeout`` is recorded as such."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "PYTHONPATH": str(ROOT)}
@@ -143,6 +175,29 @@ def write_docs(data: dict) -> None:
         lines.append(f"| {r['sweep']} | {r['samples']} | {r['targets']} | {r['scheme_used']} | {r['seconds']:.1f} | "
                      f"{r['stages']['calibrate']:.1f} | {r['stages']['build']:.1f} | {_mib(r['added_peak_bytes'])} | "
                      f"{_mib(r['peak_frontier_bytes']) if r['scheme_used'] == 'fast' else ''} | {passes} |")
+    lines += ["", "Memory: the statistics are streamed (their size depends on the layers only); what grows with the "
+              "samples is the fast scheme's frontiers (about 4 MiB per image here, original + work) and the images "
+              "themselves. The frontiers never exceed `cache_limit_bytes` (1 GiB by default): past it, the batches "
+              "whose frontiers do not fit are recomputed from the input for each target (the per-layer cost, for "
+              "those batches only), so memory stays bounded whatever the number of samples. The per-layer scheme's "
+              "input cache has the same bound and falls back to re-running the whole original model per target."]
+    svd = data.get("svd_cache")
+    if svd:
+        a, b = svd["no_cache"], svd["cache"]
+        lines += ["", "## One SVD per weight", "",
+                  "torchvision resnet50 (random weights), data-free `svd`, macs 0.5 (CPTV), "
+                  f"{svd.get('threads', data['threads'])} threads: the spectra for allocation and the decompositions "
+                  "with the decomposition cache off and on (`rankslim.decompose.svd.SVD_CACHE`; "
+                  "`python benchmarks/calibration.py --svd`).", "",
+                  "| cache | spectra + allocate (s, wall / CPU) | build (s, wall / CPU) | hits | held MiB |",
+                  "|---|---|---|---|---|"]
+        for label, r in (("off", a), ("on", b)):
+            lines.append(f"| {label} | {r['spectra_allocate_wall']:.1f} / {r['spectra_allocate_cpu']:.1f} | "
+                         f"{r['build_wall']:.1f} / {r['build_cpu']:.1f} | {r['hits']} | {_mib(r['bytes'])} |")
+        lines += ["", "With the cache the spectrum computes the thin SVD once (on this torch build `svdvals` "
+                  "is no faster than `svd` with vectors) and the decomposition reuses it."]
+        if svd.get("loaded"):
+            lines += ["", f"> **Measured under load**: {svd['loaded']}."]
     lines += ["", f"Measured on: {data['env']}.", ""]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
@@ -161,9 +216,18 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a configuration is stopped")
     ap.add_argument("--loaded", default=None, help="say the machine was shared (text shown in the docs)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--svd", action="store_true", help="only measure the SVD cache on resnet50 (merged into the JSON)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.svd:
+        data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": [], "size": 224,
+                                                                          "threads": args.threads, "env": {}}
+        data["svd_cache"] = {**svd_saving(args.threads), "threads": args.threads, "loaded": args.loaded,
+                             "load_average": os.getloadavg()}
+        args.out.write_text(json.dumps(data, indent=2))
+        write_docs(data)
         return
     if args.docs:
         write_docs(json.loads(args.out.read_text()))
@@ -183,6 +247,10 @@ def main() -> None:
     out = {"env": {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
                    "load_average_at_start": os.getloadavg()},
            "size": size, "threads": args.threads, "loaded": args.loaded, "runs": []}
+    if args.out.exists():  # the SVD-cache figures (--svd) survive a new sweep
+        prev = json.loads(args.out.read_text())
+        if "svd_cache" in prev:
+            out["svd_cache"] = prev["svd_cache"]
     for cfg in configs:
         cfg.update(size=size, threads=args.threads, macs=0.5)
         r = run(cfg, args.timeout)
