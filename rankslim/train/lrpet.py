@@ -343,6 +343,9 @@ def train_projected(
         else:
             lrpet_epochs = epochs if strategy == "lrpet" else int(switch_epoch or epochs // 2)
             if not 1 <= lrpet_epochs <= epochs:
+                if switch_epoch is None:
+                    raise RankslimError(f"strategy='early-stop' switches to ordinary training at epoch epochs // 2, "
+                                        f"so it needs epochs >= 2 (got {epochs}) or an explicit switch_epoch")
                 raise RankslimError(f"switch_epoch must lie in [1, {epochs}], got {switch_epoch}")
             res = fit(work, train_set, val_set, epochs=lrpet_epochs, lr_lambda=horizon, loss_fn=loss_fn,
                       after_step=after_step, epoch_metrics=metrics, extra_state=(state, set_state),
