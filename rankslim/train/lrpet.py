@@ -260,6 +260,7 @@ def train_projected(
     energy_transfer: bool,
     bn_rectify: bool,
     eps: float,
+    recalibrate_bn_samples: int = 512,
     epochs: int,
     lr: float,
     momentum: float,
@@ -354,6 +355,13 @@ def train_projected(
             last_step = lrpet_epochs * steps_per_epoch
             if last_step % T != 0:
                 projector.project()  # the final weights must lie on the low-rank manifold
+            if recalibrate_bn_samples and any(isinstance(m, _BN) for m in work.modules()):
+                # the last projection moved the weights (BN rectification rescales rows) after the running
+                # statistics were last updated: re-estimate them, or eval-mode BN normalises with stale ones
+                from ..bn import recalibrate_bn
+                from ..data import calibration_batches
+                recalibrate_bn(work, [b.to(ctx.device) for b in
+                                      calibration_batches(train_set, recalibrate_bn_samples, seed=seed)])
             D.sync_buffers(ctx, work)
             projected = work
             final_compact, report = to_compact(work, ranks, input_shape)
@@ -391,6 +399,7 @@ def train_lrpet(
     energy_transfer: bool = True,
     bn_rectify: bool = True,
     eps: float = 1e-5,
+    recalibrate_bn_samples: int = 512,
     epochs: int = 10,
     lr: float = 0.1,
     momentum: float = 0.9,
@@ -426,6 +435,7 @@ def train_lrpet(
     """
     return train_projected(model, data, kind="lrpet", rank_ratio=rank_ratio, period=period,
                            energy_transfer=energy_transfer, bn_rectify=bn_rectify, eps=eps, epochs=epochs, lr=lr,
+                           recalibrate_bn_samples=recalibrate_bn_samples,
                            momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, schedule=schedule,
                            strategy=strategy, switch_epoch=switch_epoch, include=include, exclude=exclude,
                            keep_stem=keep_stem, keep_head=keep_head, min_params=min_params, val_fraction=val_fraction,
