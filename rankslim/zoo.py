@@ -340,6 +340,10 @@ def plan_base_model(plan: Plan, path: str | os.PathLike) -> nn.Module:
     return resolve_model(spec.split("@")[0] if spec.startswith("torchvision:") else spec).model
 
 
+#: suffixes of whole modules saved with torch.save (unpickled, trusted files only)
+PICKLED_SUFFIXES = (".pt", ".pth", ".pkl")
+
+
 def _resolve_file(spec: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -354,6 +358,11 @@ def _resolve_file(spec: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
         elif isinstance(plan.model_spec, str) and plan.model_spec.startswith("torchvision:"):
             shape = shape or TORCHVISION_INPUT_SHAPE
         return ModelSpec(model, tuple(shape) if shape else None, dataset, spec)
+    if path.suffix.lower() not in PICKLED_SUFFIXES:
+        # never unpickle a file the user did not name as a saved module (a typo could name any file)
+        raise ModelSpecError(f"{path} is not a model file rankslim opens: use a .rankslim file, a whole module saved "
+                             f"with torch.save ({'/'.join(PICKLED_SUFFIXES)}), a Python file (file.py:function), "
+                             "zoo:NAME or torchvision:NAME")
     _warn_pickle(path)
     try:
         # A whole pickled module: unpickling runs code from the file. Done only for a path the user

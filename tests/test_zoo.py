@@ -250,3 +250,15 @@ def test_io_and_zoo_import_each_other_at_module_level_only():
     tree = ast.parse((root / "zoo.py").read_text())
     assert not any(isinstance(n, ast.ImportFrom) and n.level == 1 and (n.module == "io" or any(
         a.name == "io" for a in n.names)) for n in ast.walk(tree)), "zoo must not import io (io imports zoo)"
+
+
+def test_a_file_of_another_kind_is_never_unpickled(tmp_path):
+    import pickle
+    import warnings
+
+    path = tmp_path / "notes.txt"
+    path.write_bytes(pickle.dumps({"not": "a model"}))  # a valid pickle: refused by its suffix, not by luck
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zoo.PickleWarning)
+        with pytest.raises(ModelSpecError, match="not a model file rankslim opens"):
+            resolve_model(str(path))
