@@ -6,7 +6,7 @@ from .api import CompressionResult, compress
 from .cost import Cost, flop_counter_macs, model_cost
 from .errors import (BudgetError, CheckpointError, DataError, InputShapeError, InvalidWeightsError,
                      ModelSpecError, OptionError, PlanError, RankError, RankslimError, UnsupportedLayerError)
-from . import pipeline
+from . import hf, pipeline
 from .io import load, read_plan, save
 from .methods import METHODS, get_method
 from .plan import Plan, apply_plan, get_plan
@@ -16,7 +16,7 @@ from .train import FinetuneResult, LRPETResult, finetune, train_lrpet, train_trp
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALLOCATORS", "METHODS", "Allocation", "Allocator", "Budget", "OptionError", "get_allocator", "pipeline", "BudgetError", "CheckpointError", "CompressionResult", "Cost", "DataError",
+    "ALLOCATORS", "METHODS", "Allocation", "Allocator", "Budget", "OptionError", "get_allocator", "hf", "pipeline", "BudgetError", "CheckpointError", "CompressionResult", "Cost", "DataError",
     "InputShapeError", "InvalidWeightsError", "ModelSpecError", "Plan", "PlanError", "RankError", "RankslimError",
     "Report", "UnsupportedLayerError", "apply_plan", "compress", "flop_counter_macs", "get_method", "get_plan",
     "load", "model_cost", "read_plan", "save",

@@ -26,7 +26,7 @@ MARKER = ".rankslim-output"
 MARKER_VERSION = 1
 #: every file name rankslim writes into an output directory; nothing else there is ever touched
 OUR_NAMES = frozenset({"model.rankslim", "report.json", "report.md", "model.onnx", "energy.png", "bench.json",
-                       "bench.md", MARKER})
+                       "bench.md", "config.json", "generation_config.json", MARKER})
 #: where outputs go when no directory is named
 DEFAULT_ROOT = Path("rankslim-out")
 

@@ -162,6 +162,33 @@ def test_gpt2_conv1d_full_rank_exact_packed_qkv_and_generate():
     assert out.shape == (1, T + 4)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_save_pretrained_round_trip_and_plain_from_pretrained_would_not(name, tmp_path):
+    from rankslim import hf
+
+    model = build(name)
+    ex = example(name)
+    small = rankslim.compress(model, "svd", params=0.7, example_inputs=ex).model
+    out = hf.save_pretrained(small, tmp_path / "hf")
+    again = hf.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**ex).logits, small(**ex).logits, rtol=0, atol=0)
+    gen = again.generate(ex["input_ids"], attention_mask=ex["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(gen, small.generate(ex["input_ids"], attention_mask=ex["attention_mask"], max_new_tokens=3,
+                                           do_sample=False))
+    # the library's own round trip silently re-initializes the factorized layers: the reason hf.py exists
+    small.save_pretrained(tmp_path / "plain")
+    plain = type(model).from_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        assert not torch.allclose(plain(**ex).logits, small(**ex).logits, atol=1e-3)
+    # a directory the user owns is not written into
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(rankslim.RankslimError, match="did not write"):
+        hf.save_pretrained(small, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_llama_generate_after_data_aware_compression():
     model = build("llama")
     ex = example("llama")
