@@ -14,6 +14,7 @@ from .decompose.svd import SOLVERS
 from .errors import BudgetError, OptionError, RankslimError
 from .pipeline import (CompressionResult, allocate, build, calibrate, choose_allocator, cost_table, finalize,
                        select, speed_aware as speed_aware_table)
+from .speed_mode import MEASURE_OPTIONS, auto_decision, mac_only, speed_request
 
 
 def compress(
@@ -51,7 +52,7 @@ def compress(
     finetune_options: Mapping[str, Any] | None = None,
     example_inputs: Any = None,
     transform: Callable[[Any], Any] | None = None,
-    speed_aware: bool | Mapping[str, Any] = False,
+    speed_aware: bool | str | Mapping[str, Any] = "auto",
 ) -> CompressionResult:
     """Compress ``model`` by replacing Conv2d/Linear layers with factorized ones.
 
@@ -88,10 +89,24 @@ def compress(
     ``transform`` maps each item (or DataLoader batch) of ``data`` to model inputs, as NNCF's
     ``Dataset(data, transform_fn)``.
 
-    Speed-aware mode: ``speed_aware=True`` (or ``{"batch": 32, "threads": 4, "runtime": "onnxruntime"}``)
-    times each layer's dense and factorized forms on this machine (cached on disk) and factorizes a layer only
-    at ranks where it is measurably faster (5% margin); budgets are still met exactly.  The report says which
-    layers it kept dense and the measurements (``report.metrics["speed_aware"]``).
+    Speed-aware allocation times each layer's dense and factorized forms on this machine (cached on disk,
+    :mod:`rankslim.latency_cache`) and factorizes a layer only at ranks where it is measurably faster (5% margin);
+    budgets are still met exactly (MACs per sample, params).  ``speed_aware``:
+
+    * ``"auto"`` (default): on only for a ``macs`` budget (not params-only, ``ratio``, ``energy``, ``ranks`` or
+      ``max_drop``) on float32 CPU layers, and only when measuring is cheap — every timing already cached, or an
+      estimate (each layer form's MACs × batch × calls at a conservative 1 GMAC/s plus a fixed cost per form,
+      :func:`rankslim.speed_mode.estimate_measuring`) of at most 20 s.  If the speed-aware allocation cannot meet
+      the budget it falls back to the MAC-only one.  ``$RANKSLIM_SPEED_AWARE=on|off`` overrides auto.
+    * ``True`` (or options ``{"batch": 32, "threads": 4, "runtime": "onnxruntime", "margin": 0.05,
+      "samples": 8}``): always measure; an infeasible budget raises :class:`BudgetError`.
+    * ``False``: MAC-only.
+    * ``{"mode": "auto", "max_seconds": 60, "batch": 32, ...}``: auto with another threshold / measuring options.
+
+    ``report.metrics["allocation_mode"]`` always says which was used: ``{"mode": "speed-aware", "runtime",
+    "batch", "threads", ...}`` or ``{"mode": "mac-only", "reason": ...}`` (also a line of the report and of the
+    CLI summary); with speed-aware allocation ``report.metrics["speed_aware"]`` holds the measurements and the
+    layers never faster.
 
     Accuracy target: ``max_drop=0.01`` (or ``"1%"``) returns the SMALLEST budget (fraction of ``params``, or
     of ``macs`` when ``macs=`` is given; a given fraction is the largest allowed) whose model loses at most
@@ -104,6 +119,7 @@ def compress(
     timings: dict[str, float] = {}
     spec_str: str | None = None
     dataset_name: str | None = None
+    request = speed_request(speed_aware)  # validated (and the environment read) before any work
     if isinstance(model, str):
         from .zoo import resolve_model
         ms = resolve_model(model)
@@ -117,26 +133,34 @@ def compress(
     if input_shape is None and example_inputs is None:
         raise RankslimError("input_shape is needed to count MACs: pass the per-sample shape, e.g. input_shape=(3, 224, 224), "
                             "or example_inputs (token ids of shape (1, T), a tuple or a dict of tensors), or data")
+    if ranks is not None and request.explicit and request.mode == "on":
+        raise OptionError("speed_aware=True chooses ranks under a budget, but ranks= fixes every rank: drop one of "
+                          "them (or give a macs/params budget instead of ranks)")
     if solver not in SOLVERS:
         raise OptionError(f"unknown SVD solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if max_drop is not None:
         if ratio is not None or energy is not None or ranks is not None or inplace:
             raise OptionError("max_drop searches a params/macs budget: it cannot be combined with ratio, energy, "
                               "ranks or inplace=True")
-        if speed_aware:
+        if request.explicit and request.mode == "on":
             raise OptionError("speed_aware is not combined with max_drop yet: run the accuracy search, then "
                               "compress at the budget it found with speed_aware=True")
         if example_inputs is not None or transform is not None:
             raise OptionError("max_drop searches models that take one image tensor for now: example_inputs and "
                               "transform cannot be combined with it yet")
         from .target import compress_within_drop
-        return compress_within_drop(
+        found = compress_within_drop(
             model, input_shape, max_drop=max_drop, method=method, params=params, macs=macs, allocator=allocator,
             allocator_options=allocator_options, methods=methods, method_options=method_options, include=include,
             exclude=exclude, min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
             data=data, eval_data=eval_data, calib_samples=calib_samples, sequential=sequential, solver=solver,
             seed=seed, eval_fn=eval_fn, bn_recalibrate=bn_recalibrate, finetune_epochs=finetune_epochs,
             finetune_options=finetune_options, progress=progress, spec=spec_str, dataset=dataset_name)
+        found.report.metrics["allocation_mode"] = mac_only(
+            f"turned off ({request.source})" if request.mode == "off" else
+            "max_drop search: the accuracy search allocates without timings (speed-aware is not combined with it "
+            "yet)", request)
+        return found
     if eval_data is not None:
         raise OptionError("eval_data is the held-out data of a max_drop search: pass max_drop=... too")
     budget = Budget(params=params, macs=macs)
@@ -156,13 +180,31 @@ def compress(
 
     t0 = time.perf_counter()
     table = cost_table(sel, cal, quantities=budget.quantities, round_to=round_to, keep_head=keep_head)
-    check = None
-    if speed_aware:
-        opts = dict(speed_aware) if isinstance(speed_aware, Mapping) else {}
-        unknown = set(opts) - {"runtime", "batch", "threads", "margin", "samples"}
-        if unknown:
-            raise OptionError(f"speed_aware takes runtime, batch, threads, margin, samples; not {sorted(unknown)}")
-        table, check = speed_aware_table(sel, table, **opts)
+    plain_table, check, estimate = table, None, None
+    fixed_by = next((n for n, v in (("ratio", ratio), ("energy", energy), ("ranks", ranks)) if v is not None),
+                    alloc.name if alloc is not None and not budget.is_set() else None)
+    mode: dict[str, Any] | None = None
+    if request.mode == "off":
+        mode = mac_only(f"turned off ({request.source})", request)
+    elif ranks is not None:  # only the environment's "on" or auto get here: explicit ranks leave nothing to time
+        mode = mac_only("no MAC budget (ranks fixes the ranks)", request)
+    elif request.mode == "auto":
+        reason, estimate = auto_decision(request, sel, table, macs_budget=budget.macs is not None, fixed_by=fixed_by,
+                                         params_budget=budget.params is not None)
+        if reason is not None:
+            mode = mac_only(reason, request)
+    if mode is None:
+        t_measure = time.perf_counter()
+        try:
+            table, check = speed_aware_table(sel, table, **{k: v for k, v in request.options.items()
+                                                           if k in MEASURE_OPTIONS})
+        except Exception as exc:
+            # auto mode was not asked for: a layer form that cannot be timed (a method without a rank-only
+            # structure, an export failure) must not fail the compression, only the speed-aware part of it
+            if request.mode == "on":
+                raise
+            mode = mac_only(f"measuring failed ({type(exc).__name__}: {exc})", request)
+        timings["speed_measure"] = time.perf_counter() - t_measure
     try:
         allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
                               eval_fn=eval_fn)
@@ -170,10 +212,17 @@ def compress(
         if check is None:
             raise
         never = sum(1 for lo in table.layers if not any(lo.faster(r) for r in (1, lo.max_rank)))
-        raise BudgetError(f"{exc} Speed-aware: {never} of {len(table.layers)} layer(s) were measured no faster "
-                          f"factorized at batch {check.batch}, so they stay dense; try a larger --speed-batch, "
-                          "a larger budget, or without speed-aware mode.") from None
-    timings["allocate"] = time.perf_counter() - t0
+        detail = (f"{never} of {len(table.layers)} layer(s) were measured no faster factorized at batch "
+                  f"{check.batch}, so they stay dense")
+        if request.mode == "on":
+            raise BudgetError(f"{exc} Speed-aware: {detail}; try a larger --speed-batch, a larger budget, or "
+                              "MAC-only allocation (--mac-only, speed_aware=False).") from None
+        # auto: the user asked for a budget, not for speed-aware mode; the MAC-only allocation still meets it
+        mode = mac_only(f"speed-aware budget infeasible: {detail} and the budget cannot be met that way", request)
+        table, check = plain_table, None
+        allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
+                              eval_fn=eval_fn)
+    timings["allocate"] = time.perf_counter() - t0 - timings.get("speed_measure", 0.0)
 
     t0 = time.perf_counter()
     built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
@@ -192,6 +241,13 @@ def compress(
         result.report.metrics["speed_aware"] = {"runtime": check.runtime, "batch": check.batch,
                                                 "threads": check.threads, "margin": check.margin,
                                                 "never_faster": slow, "measured_ms": check.measured}
+        mode = {"mode": "speed-aware", "runtime": check.runtime, "batch": check.batch, "threads": check.threads,
+                "margin": check.margin, "requested": request.mode, "source": request.source,
+                "measure_seconds": round(timings.get("speed_measure", 0.0), 3)}
+        if estimate is not None:
+            mode.update(estimated_s=round(estimate.seconds, 3), to_measure=estimate.to_measure,
+                        cached=estimate.cached)
+    result.report.metrics["allocation_mode"] = mode
     if finetune_epochs:
         from .target import finetune_compressed
         finetune_compressed(result, sel.original, data if data is not None else dataset_name, finetune_epochs,

@@ -36,6 +36,10 @@ from .errors import RankslimError
 #: environment variable naming the cache directory (default ``~/.cache/rankslim/latency``)
 CACHE_ENV = "RANKSLIM_CACHE_DIR"
 CACHE_VERSION = 1
+#: untimed calls before, and timed calls of, each layer form :func:`measure_layer` times (the timing loop adds one
+#: peak-memory pass, so a form runs ``WARMUP + 1 + REPEATS`` times)
+WARMUP = 2
+REPEATS = 7
 
 
 def cache_dir() -> Path:
@@ -195,14 +199,31 @@ def layer_at_rank(method, target, r: int, seed: int = 0) -> nn.Module:
         return layer.eval()
 
 
+def latency_key(method, target, *, runtime: str = "eager", batch: int = 1, threads: int = 1,
+                dtype: torch.dtype = torch.float32) -> LatencyKey:
+    """The cache key :func:`measure_layer` files ``target``'s timings under (``method``'s form, on ``runtime``)."""
+    return LatencyKey(layer_geometry(target.module, target.in_shape), method.name, runtime,
+                      str(dtype).replace("torch.", ""), int(batch), int(threads))
+
+
+def missing_measurements(method, target, ranks: Iterable[int], *, runtime: str = "eager", batch: int = 1,
+                         threads: int = 1, dtype: torch.dtype = torch.float32,
+                         cache: LatencyCache | None = None) -> tuple[bool, list[int]]:
+    """What :func:`measure_layer` would have to time: ``(dense missing, ranks missing)``; reads the cache only."""
+    cache = cache if cache is not None else LatencyCache()
+    have = cache.get(latency_key(method, target, runtime=runtime, batch=batch, threads=threads, dtype=dtype))
+    if have is None:
+        return True, [int(r) for r in ranks]
+    return have["dense"] is None, [int(r) for r in ranks if int(r) not in have["ranks"]]
+
+
 def measure_layer(method, target, ranks: Iterable[int], *, runtime: str = "eager", batch: int = 1, threads: int = 1,
-                  dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 7,
+                  dtype: torch.dtype = torch.float32, warmup: int = WARMUP, repeats: int = REPEATS,
                   cache: LatencyCache | None = None) -> dict[str, Any]:
     """Median ms of ``target``'s dense layer and of ``method``'s layer at each of ``ranks``, timed alone on a
     random ``(batch, *target.in_shape)`` input on ``runtime`` — cached in ``cache`` (default: the user cache)."""
     cache = cache if cache is not None else LatencyCache()
-    key = LatencyKey(layer_geometry(target.module, target.in_shape), method.name, runtime, str(dtype).replace(
-        "torch.", ""), int(batch), int(threads))
+    key = latency_key(method, target, runtime=runtime, batch=batch, threads=threads, dtype=dtype)
     x = torch.randn(int(batch), *target.in_shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
     return cache.measure(
         key, ranks, lambda r: _time_module(layer_at_rank(method, target, r), x, runtime, threads, warmup, repeats),
@@ -226,7 +247,7 @@ def interpolate(times: Mapping[int, float], r: int) -> float:
 
 
 def speed_aware_table(selection, table, *, runtime: str = "eager", batch: int = 1, threads: int = 1,
-                      samples: int = 8, multiple: int = 8, warmup: int = 2, repeats: int = 7,
+                      samples: int = 8, multiple: int = 8, warmup: int = WARMUP, repeats: int = REPEATS,
                       cache: LatencyCache | None = None) -> tuple[Any, dict[str, dict[str, Any]]]:
     """A copy of ``table`` whose MAC costs are measured times in MAC-equivalents (see the module docstring).
 
@@ -290,5 +311,6 @@ def fastest_ranks(table, measured: Mapping[str, Mapping[str, Any]]) -> dict[str,
     return out
 
 
-__all__ = ["CACHE_ENV", "fastest_ranks", "LatencyCache", "LatencyKey", "cache_dir", "cpu_model", "interpolate", "layer_at_rank",
-           "layer_geometry", "machine_key", "measure_layer", "rank_grid", "snap_ranks", "speed_aware_table"]
+__all__ = ["CACHE_ENV", "REPEATS", "WARMUP", "fastest_ranks", "LatencyCache", "LatencyKey", "cache_dir", "cpu_model",
+           "interpolate", "layer_at_rank", "latency_key", "layer_geometry", "machine_key", "measure_layer",
+           "missing_measurements", "rank_grid", "snap_ranks", "speed_aware_table"]

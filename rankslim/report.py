@@ -42,7 +42,8 @@ class Report:
     ``original``/``compressed`` are whole-model costs; ``targeted_before``/``targeted_after`` the
     same restricted to the target layers; ``budget`` the requested fractions.  ``metrics["latency"]``
     (optional, filled by :func:`rankslim.bench.add_latency`) holds measured latency of original vs
-    compressed; ``to_markdown`` shows it as a section of its own.
+    compressed; ``to_markdown`` shows it as a section of its own.  ``metrics["allocation_mode"]`` says whether
+    the ranks were allocated speed-aware (measured) or MAC-only and why (one "allocation:" line of the totals).
     """
 
     rows: list[LayerRow]
@@ -106,8 +107,13 @@ class Report:
         req = {k: v for k, v in self.budget.items() if v is not None}
         if req:
             lines.append("budget: " + ", ".join(f"{k} <= {v:g}" for k, v in req.items()))
+        if self.metrics.get("allocation_mode"):
+            from .speed_mode import describe
+            lines.append("allocation: " + describe(self.metrics["allocation_mode"]))
         for k, v in self.metrics.items():
-            if k == "latency":  # a section of its own in to_markdown
+            # latency: a section of its own in to_markdown; allocation_mode: the line above; speed_aware: its
+            # per-layer timings belong in report.json, the allocation line and notes summarise them
+            if k in ("latency", "allocation_mode", "speed_aware"):
                 continue
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return lines
