@@ -113,6 +113,27 @@ def _option_error(exc: Exception, method_option: list[str], allocator_option: li
                          f"types (if they are right, rerun with {DEBUG_ENV}=1 and report the traceback)")
 
 
+def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_seconds: Optional[float]):
+    """``compress(speed_aware=...)`` from the tri-state flags: ``--speed-aware`` on, ``--mac-only`` off, neither
+    auto; options that cannot apply to the chosen state are refused (they would be silently ignored)."""
+    if speed_aware and mac_only:
+        raise RankslimError("--speed-aware and --mac-only contradict each other: pass one of them, or neither for "
+                            "auto (speed-aware for a --macs budget when measuring is cheap)")
+    if mac_only and (batch is not None or max_seconds is not None):
+        flag = "--speed-batch" if batch is not None else "--speed-max-seconds"
+        raise RankslimError(f"{flag} sets how speed-aware allocation measures, which --mac-only turns off: drop one "
+                            "of them")
+    if speed_aware and max_seconds is not None:
+        raise RankslimError("--speed-max-seconds is the threshold of auto mode; --speed-aware measures whatever it "
+                            "costs: drop one of them")
+    if mac_only:
+        return False
+    opts = {k: v for k, v in (("batch", batch), ("max_seconds", max_seconds)) if v is not None}
+    if speed_aware:
+        return opts or True
+    return {"mode": "auto", **opts} if opts else "auto"
+
+
 def _require_shape(spec) -> tuple[int, ...]:
     if spec.input_shape is None:
         raise InputShapeError(f"the input shape of {spec.spec or 'this model'} is not known: pass the per-sample "
@@ -166,9 +187,17 @@ def compress(
     bn_recalibrate: bool = typer.Option(False, "--bn-recalibrate",
                                         help="re-estimate BatchNorm statistics on the calibration data"),
     speed_aware: bool = typer.Option(False, "--speed-aware",
-                                     help="factorize a layer only at ranks measured faster than dense on this machine "
-                                          "(timings cached; budgets still met exactly)"),
-    speed_batch: int = typer.Option(1, "--speed-batch", help="batch size the speed-aware timings use"),
+                                     help="always allocate speed-aware: factorize a layer only at ranks measured faster "
+                                          "than dense on this machine (timings cached; budgets still met exactly). "
+                                          "Default: auto, speed-aware for a --macs budget when measuring is cheap "
+                                          "(see docs/speed.md)"),
+    mac_only: bool = typer.Option(False, "--mac-only", "--no-speed-aware",
+                                  help="never measure: allocate ranks by MACs/params alone"),
+    speed_batch: Optional[int] = typer.Option(None, "--speed-batch",
+                                              help="batch size the speed-aware timings use (default 1)"),
+    speed_max_seconds: Optional[float] = typer.Option(
+        None, "--speed-max-seconds", help="auto mode: measure only when the estimated measuring time is at most this "
+                                          "many seconds (default 20)"),
     max_drop: Optional[str] = typer.Option(
         None, "--max-drop", help="accuracy target: the smallest budget whose model loses at most this much accuracy "
                                  "on held-out TRAINING data, e.g. 1% or 0.01 (searches --params, or --macs if given; "
@@ -190,12 +219,17 @@ def compress(
 
     With no MODEL: the reference ResNet-20 on Fashion-MNIST at --macs 0.5, with --bn-recalibrate --keep-stem and a
     short distillation fine-tune (--finetune-epochs 2 --finetune-samples 12000 unless given).
+
+    Allocation: speed-aware (layers timed on this machine) or MAC-only is chosen automatically — speed-aware for a
+    --macs budget when measuring is cheap; --speed-aware / --mac-only force either.  The summary's "allocation:"
+    line says which was used and why.
     """
     from . import api, io
     from .data import evaluate_accuracy, load_dataset
     from .zoo import resolve_model
 
     try:
+        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds)
         if model is None:
             # the bundled main job: reference ResNet-20, half the MACs, stem kept dense, BatchNorm re-estimated
             # (see docs/results/svd_baseline.md for what each of these is worth)
@@ -242,7 +276,7 @@ def compress(
                 min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
                 data=own_data if own_data is not None else dataset,
                 calib_samples=calib_samples, sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate,
-                speed_aware={"batch": speed_batch} if speed_aware else False, progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts,
+                speed_aware=speed, progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts,
                 max_drop=max_drop, finetune_epochs=finetune_epochs if max_drop is not None else 0,
                 finetune_options=ft_opts if max_drop is not None and finetune_epochs else None)
         except (TypeError, ValueError) as exc:
