@@ -1,11 +1,28 @@
-"""Shared test set-up: one thread per worker (the suite runs with -n 2 on 2 cores) and small models."""
+"""Shared test set-up: one thread per worker (the suite runs with -n 2 on 2 cores), no timing-dependent defaults,
+a private latency cache, and small models."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
 
 torch.set_num_threads(1)
+
+# compress()'s default speed_aware="auto" may time layers and let the timings choose ranks; on a shared machine
+# that would make results depend on other jobs.  "off" keeps every test MAC-only unless it asks for speed-aware
+# mode itself; tests of auto mode (tests/test_speed_default.py) unset it.
+os.environ["RANKSLIM_SPEED_AWARE"] = "off"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_cache(tmp_path_factory):
+    """Timings measured by tests go to a directory of this session, never to the user's ~/.cache/rankslim."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RANKSLIM_CACHE_DIR", str(tmp_path_factory.mktemp("latency-cache")))
+    yield
+    mp.undo()
 
 
 class TinyNet(nn.Module):
