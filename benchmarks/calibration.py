@@ -58,6 +58,8 @@ def child(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     calibrate.DEFAULT_SCHEME = cfg["scheme"]
+    if cfg.get("cache_limit_mib"):
+        calibrate.DEFAULT_CACHE_LIMIT = int(cfg["cache_limit_mib"] * 2**20)
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(weights=None).eval()
     shape = (3, cfg["size"], cfg["size"])
@@ -172,7 +174,8 @@ def write_docs(data: dict) -> None:
         if r["scheme_used"] == "fast" and r.get("graph_nodes"):
             per = r["graph_nodes"] * r["batches"]
             passes = f"{r['nodes_run']['original'] / per:.1f} + {r['nodes_run']['work'] / per:.1f}"
-        lines.append(f"| {r['sweep']} | {r['samples']} | {r['targets']} | {r['scheme_used']} | {r['seconds']:.1f} | "
+        sweep = f"bounded ({r['cache_limit_mib']:g} MiB, {r['threads']} thread)" if r.get("cache_limit_mib") else r["sweep"]
+        lines.append(f"| {sweep} | {r['samples']} | {r['targets']} | {r['scheme_used']} | {r['seconds']:.1f} | "
                      f"{r['stages']['calibrate']:.1f} | {r['stages']['build']:.1f} | {_mib(r['added_peak_bytes'])} | "
                      f"{_mib(r['peak_frontier_bytes']) if r['scheme_used'] == 'fast' else ''} | {passes} |")
     lines += ["", "Memory: the statistics are streamed (their size depends on the layers only); what grows with the "
@@ -181,6 +184,11 @@ def write_docs(data: dict) -> None:
               "whose frontiers do not fit are recomputed from the input for each target (the per-layer cost, for "
               "those batches only), so memory stays bounded whatever the number of samples. The per-layer scheme's "
               "input cache has the same bound and falls back to re-running the whole original model per target."]
+    if any(r.get("sweep") == "bounded" for r in data["runs"]):
+        lines += ["", "The *bounded* rows set `cache_limit_bytes` low (`python benchmarks/calibration.py --bounded "
+                  "MIB`) to show the bound at work: the frontiers stop at the limit and the added peak no longer "
+                  "grows with the samples, at the price of recomputing the batches that do not fit."
+                  + (f" Measured under load: {data['bounded_loaded']}." if data.get("bounded_loaded") else "")]
     svd = data.get("svd_cache")
     if svd:
         a, b = svd["no_cache"], svd["cache"]
@@ -216,6 +224,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a configuration is stopped")
     ap.add_argument("--loaded", default=None, help="say the machine was shared (text shown in the docs)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--bounded", type=float, default=None, metavar="MIB",
+                    help="only the fast scheme at --samples with cache_limit_bytes = MIB (merged into the JSON)")
     ap.add_argument("--svd", action="store_true", help="only measure the SVD cache on resnet50 (merged into the JSON)")
     args = ap.parse_args()
     if args.child:
@@ -231,6 +241,21 @@ def main() -> None:
         return
     if args.docs:
         write_docs(json.loads(args.out.read_text()))
+        return
+    if args.bounded is not None:
+        data = json.loads(args.out.read_text())
+        data["runs"] = [r for r in data["runs"] if r.get("sweep") != "bounded"]
+        for n in args.samples or [32, 64, 128]:
+            cfg = {"sweep": "bounded", "samples": n, "layers": 0, "scheme": "fast", "cache_limit_mib": args.bounded,
+                   "size": data["size"], "threads": args.threads, "macs": 0.5}
+            r = run(cfg, args.timeout)
+            r["load_average"] = os.getloadavg()
+            data["runs"].append(r)
+            print(json.dumps({k: r.get(k) for k in ("samples", "seconds", "added_peak_bytes",
+                                                   "peak_frontier_bytes", "timed_out")}), flush=True)
+        data["bounded_loaded"] = args.loaded
+        args.out.write_text(json.dumps(data, indent=2))
+        write_docs(data)
         return
     import torch
     size = args.size or (112 if args.quick else 224)

@@ -65,6 +65,8 @@ CHUNK_BYTES = 64 * 2**20
 #: calibration schemes (see the module docstring); ``DEFAULT_SCHEME`` is used when none is given
 SCHEMES = ("fast", "per-layer")
 DEFAULT_SCHEME = "fast"
+#: bound on cached activations when a Calibrator is given none (bytes); past it, batches are recomputed
+DEFAULT_CACHE_LIMIT = 2**30
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -485,7 +487,7 @@ class Calibrator:
 
     def __init__(self, original_model: nn.Module, batches: list[torch.Tensor], sequential: bool = True,
                  max_positions: int | None = None, raw_columns: int = 4096, *,
-                 names: Iterable[str] | None = None, cache_limit_bytes: int = 2**30, full_yy: bool = False,
+                 names: Iterable[str] | None = None, cache_limit_bytes: int | None = None, full_yy: bool = False,
                  seed: int = 0, scheme: str | None = None) -> None:
         batches = [b for b in batches]
         if not batches or any(not tensors(b) for b in batches):
@@ -507,7 +509,8 @@ class Calibrator:
         self.scheme = scheme
         self.scheme_used = scheme
         self.fallback_reason: str | None = None
-        self.cache_limit_bytes = int(cache_limit_bytes)
+        cache_limit_bytes = DEFAULT_CACHE_LIMIT if cache_limit_bytes is None else int(cache_limit_bytes)
+        self.cache_limit_bytes = cache_limit_bytes
         self.device = _device_of(original_model)
         # the datasets give float32; float64/half models need their own dtype (token ids keep theirs)
         self.batches = [to_model(b, original_model) for b in batches]
@@ -776,4 +779,4 @@ class Calibrator:
         return keys[idx], X[:, idx], Y[:, idx]
 
 
-__all__ = ["Calibrator", "LayerStats", "im2col", "layer_columns", "conv_padding", "SCHEMES", "DEFAULT_SCHEME"]
+__all__ = ["Calibrator", "LayerStats", "im2col", "layer_columns", "conv_padding", "SCHEMES", "DEFAULT_SCHEME", "DEFAULT_CACHE_LIMIT"]

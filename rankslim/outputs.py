@@ -153,6 +153,16 @@ def _tmp_name(directory: Path, name: str) -> Path:
             return tmp
 
 
+def _default_mode(path: Path) -> None:
+    """Give a written file the mode a plain ``open()`` would (some writers create 0600 temporaries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
 def write_outputs(path: str | os.PathLike, writers: Mapping[str, Callable[[Path], object]],
                   force: bool = False) -> Written:
     """Write one output per entry of ``writers`` (file name -> function writing that file at the path it is
@@ -180,6 +190,7 @@ def write_outputs(path: str | os.PathLike, writers: Mapping[str, Callable[[Path]
             for name, write in writers.items():
                 tmps[name] = tmp = _tmp_name(p, name)
                 write(tmp)
+                _default_mode(tmp)
                 if tmp.is_symlink() or not tmp.is_file():
                     raise OutputDirError(f"internal error: nothing was written for {p / name}; please report this")
         except OSError as exc:

@@ -42,6 +42,18 @@ def test_new_directory_gets_files_and_marker_with_normal_permissions(tmp_path):
     assert stat.S_IMODE((out / "report.md").stat().st_mode) == stat.S_IMODE(ref.stat().st_mode)
 
 
+def test_a_writer_that_creates_0600_files_still_gives_normal_permissions(tmp_path):
+    def private(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # as safetensors' writer does
+        os.write(fd, b"x")
+        os.close(fd)
+    out = tmp_path / "o"
+    write_outputs(out, {"model.rankslim": private})
+    ref = tmp_path / "ref"
+    ref.write_text("x")
+    assert stat.S_IMODE((out / "model.rankslim").stat().st_mode) == stat.S_IMODE(ref.stat().st_mode)
+
+
 def test_foreign_non_empty_directory_is_refused_and_force_touches_only_our_names(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
