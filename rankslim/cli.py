@@ -415,6 +415,8 @@ from .cli_train import register as _register_train  # noqa: E402  (adds `finetun
 _register_train(app)
 from .cli_bench import register as _register_bench  # noqa: E402  (adds `bench` and `export`)
 _register_bench(app)
+from .cli_stream import register as _register_stream  # noqa: E402  (adds `compress-streamed`)
+_register_stream(app)
 
 
 def main() -> None:
