@@ -32,16 +32,17 @@ from .errors import OptionError
 SPEED_ENV = "RANKSLIM_SPEED_AWARE"
 #: "auto" measures only when the estimated measuring time is at most this (seconds): "seconds, not minutes"
 DEFAULT_MAX_SECONDS = 20.0
-#: Throughput (MACs per second) the estimate assumes for timing the layers.  Deliberately low: one fp32 CPU
-#: core runs large matrix products at 5-25 GMAC/s, but the timed forms are single small layers (batch 1 by
-#: default, thin factorized convolutions) in eager mode, where per-op overhead and poor cache use take most of
-#: that, and the machine may be shared.  Erring low makes "auto" skip measuring it could have afforded rather
-#: than start minutes of measuring nobody asked for.  Not scaled by ``threads``, for the same reason.
-MEASURE_MACS_PER_SECOND = 1e9
+#: Throughput (MACs per second) the estimate assumes for timing the layers: about a tenth of what one fp32 CPU
+#: core with AVX2 FMA can reach (2 × 8 MACs per cycle at ~3 GHz ≈ 48 GMAC/s peak).  Deliberately low: the timed
+#: forms are single small layers (batch 1 by default, thin factorized convolutions) run in eager mode, where
+#: per-op overhead and poor cache use take much of the peak, and the machine may be shared or older.  Erring low
+#: makes "auto" skip measuring it could have afforded rather than start minutes of measuring nobody asked for;
+#: it is not scaled by ``threads`` for the same reason.  A guess on the safe side, not a benchmarked figure.
+MEASURE_MACS_PER_SECOND = 4e9
 #: Fixed seconds per timed layer form on top of its MACs: building and filling the layer, the timing loop's
 #: peak-memory probe and Python call overhead (eager); exporting the layer to ONNX and opening a session
-#: (onnxruntime, by far the larger).
-MODULE_OVERHEAD_SECONDS = {"eager": 0.02, "onnxruntime": 0.5}
+#: (onnxruntime, by far the larger).  Guesses on the safe side, like the throughput.
+MODULE_OVERHEAD_SECONDS = {"eager": 0.005, "onnxruntime": 0.1}
 #: Methods whose layers cannot be built from a rank alone (Tucker-2, TT, L + S) are decomposed for real at every
 #: sampled rank before timing: about this many MACs per weight entry per smaller side (an SVD-like cost).
 DECOMPOSE_MACS_PER_ENTRY_RANK = 4
@@ -134,7 +135,8 @@ def speed_request(value: bool | str | Mapping[str, Any] | None) -> SpeedRequest:
 @dataclass
 class MeasureEstimate:
     """Seconds the speed-aware timings of one call are estimated to take (0 when all are cached), and how many
-    layer forms (dense + one per sampled rank) must be timed vs. are already in the latency cache."""
+    distinct layer forms (dense + one per sampled rank; layers of equal geometry share theirs) must be timed vs.
+    are already in the latency cache."""
 
     seconds: float
     to_measure: int
@@ -159,13 +161,18 @@ def estimate_measuring(selection, table, *, runtime: str = "eager", batch: int =
     plus :data:`MODULE_OVERHEAD_SECONDS` per form, plus the decompositions of methods that cannot build a layer
     from a rank alone.  Reads the cache, measures nothing.
     """
-    from .latency_cache import REPEATS, WARMUP, missing_measurements, rank_grid
+    from .latency_cache import REPEATS, WARMUP, latency_key, missing_measurements, rank_grid
     calls = WARMUP + 1 + REPEATS
     overhead = MODULE_OVERHEAD_SECONDS.get(runtime, max(MODULE_OVERHEAD_SECONDS.values()))
     targets = {t.name: t for t in selection.targets}
     seconds, to_measure, cached = 0.0, 0, 0
+    seen: set[str] = set()
     for lo in table.layers:
         t, m = targets[lo.name], selection.methods[lo.name]
+        key = latency_key(m, t, runtime=runtime, batch=batch, threads=threads).digest()
+        if key in seen:  # same geometry as an earlier layer (ResNet blocks): timed once, then read from the cache
+            continue
+        seen.add(key)
         grid = rank_grid(lo.max_rank, samples)
         dense_missing, ranks_missing = missing_measurements(m, t, grid, runtime=runtime, batch=batch,
                                                             threads=threads, cache=cache)
