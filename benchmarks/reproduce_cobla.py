@@ -110,6 +110,7 @@ def resnet50_sqp_timing(maxiter: int = 20, max_vars: int = 2000) -> dict:
     import rankslim
     t0 = time.perf_counter()
     res = rankslim.compress("torchvision:resnet50", "svd", params=0.5, macs=0.5, allocator="cobla", keep_head=False,
+                            speed_aware=False,  # COBLA's allocation alone, no timings
                             allocator_options={"maxiter": maxiter, "max_vars": max_vars, "loss": "weights"})
     wall = time.perf_counter() - t0
     info = _jsonable_info(res.allocation.info)

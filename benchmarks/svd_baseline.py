@@ -43,21 +43,24 @@ def run(eval_samples: int | None, parts: tuple[str, ...] = PARTS, out: dict | No
         print(f"{name}: test accuracy {acc:.4f}")
     if "resnet20" in parts:
         out["resnet20_macs"] = []
+    # MAC-only allocation throughout (speed_aware=False): a baseline must not depend on the machine's timings
     for macs in (0.7, 0.5, 0.3) if "resnet20" in parts else ():
         t0 = time.perf_counter()
         # every layer compressed, the 10-way head included (what rankslim did before keep_head existed)
-        res = rankslim.compress("zoo:resnet20", macs=macs, keep_head=False)
+        res = rankslim.compress("zoo:resnet20", macs=macs, speed_aware=False, keep_head=False)
         secs = time.perf_counter() - t0
         acc = evaluate_accuracy(res.model, test, max_samples=eval_samples)
         # the same ranks, then BatchNorm statistics re-estimated on 512 training images (no training)
-        bn = rankslim.compress("zoo:resnet20", macs=macs, bn_recalibrate=True, calib_samples=512, keep_head=False)
+        bn = rankslim.compress("zoo:resnet20", macs=macs, speed_aware=False, bn_recalibrate=True, calib_samples=512,
+                               keep_head=False)
         acc_bn = evaluate_accuracy(bn.model, test, max_samples=eval_samples)
         # the 1-channel stem conv kept dense, plus BN re-estimation
-        stem = rankslim.compress("zoo:resnet20", macs=macs, keep_stem=True, bn_recalibrate=True, calib_samples=512,
-                                 keep_head=False)
+        stem = rankslim.compress("zoo:resnet20", macs=macs, speed_aware=False, keep_stem=True, bn_recalibrate=True,
+                                 calib_samples=512, keep_head=False)
         acc_stem = evaluate_accuracy(stem.model, test, max_samples=eval_samples)
         # today's defaults (head dense) + stem dense + BN: the bundled `rankslim compress` job before fine-tuning
-        head = rankslim.compress("zoo:resnet20", macs=macs, keep_stem=True, bn_recalibrate=True, calib_samples=512)
+        head = rankslim.compress("zoo:resnet20", macs=macs, speed_aware=False, keep_stem=True, bn_recalibrate=True,
+                                 calib_samples=512)
         acc_head = evaluate_accuracy(head.model, test, max_samples=eval_samples)
         f = res.report.fractions()
         out["resnet20_macs"].append({"macs_budget": macs, "test_accuracy": acc, "test_accuracy_bn": acc_bn,
@@ -70,7 +73,7 @@ def run(eval_samples: int | None, parts: tuple[str, ...] = PARTS, out: dict | No
     for name in ("resnet50", "vgg16") if "timing" in parts else ():
         spec = resolve_model(f"torchvision:{name}")
         t0 = time.perf_counter()
-        res = rankslim.compress(spec.model, macs=0.5, input_shape=spec.input_shape, keep_head=False)
+        res = rankslim.compress(spec.model, macs=0.5, input_shape=spec.input_shape, keep_head=False, speed_aware=False)
         secs = time.perf_counter() - t0
         f = res.report.fractions()
         out["timing"].append({"model": name, "macs_budget": 0.5, "seconds": secs, "stages": res.report.seconds,
