@@ -239,8 +239,9 @@ def auto_decision(request: SpeedRequest, selection, table, *, macs_budget: bool,
 def describe(mode: Mapping[str, Any]) -> str:
     """One line for the report / CLI: which allocation was used and why."""
     if mode.get("mode") == "speed-aware":
+        margin = 100 * float(mode.get("margin", 0))
         how = (f"{mode.get('runtime')}, batch {mode.get('batch')}, {mode.get('threads')} thread(s): a layer is "
-               f"factorized only at ranks measured at least {100 * float(mode.get('margin', 0)):.0f}% faster than dense")
+               f"factorized only at ranks measured at least {margin:.0f}% faster than dense")
         why = mode.get("source", "")
         if mode.get("estimated_s") is not None:
             why += ("; all timings cached" if not mode.get("to_measure")
