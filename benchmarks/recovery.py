@@ -4,7 +4,7 @@ fine-tune without and with distillation from the original; and the smallest para
 (``compress(max_drop=0.01)``, held-out training data) with and without fine-tuning.
 
     python benchmarks/recovery.py --quick    # minutes: 1 fine-tune epoch on a 3,000-image subset, 2,000 test images
-    python benchmarks/recovery.py            # 3 epochs on 20,000 images, the whole test set (needs the machine alone)
+    python benchmarks/recovery.py            # 2 epochs on 12,000 images (the main job's fine-tune), whole test set
     python benchmarks/recovery.py --docs     # regenerate the markdown from the JSON
 
 Writes benchmarks/results/recovery[.quick].json and docs/results/recovery[.quick].md (atomically).
@@ -12,6 +12,7 @@ Writes benchmarks/results/recovery[.quick].json and docs/results/recovery[.quick
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -38,9 +39,13 @@ def _paths(quick: bool) -> tuple[Path, Path]:
     return RESULTS / f"{stem}.json", DOCS / f"{stem}.md"
 
 
-def run(quick: bool, models: tuple[str, ...]) -> dict:
-    """Measure every row; returns the JSON-able results."""
-    epochs, samples, n_test = (1, 3000, 2000) if quick else (3, 20000, None)
+def run(quick: bool, models: tuple[str, ...], epochs: int | None = None, samples: int | None = None,
+        max_evals: int | None = None, tol: float | None = None, save=None) -> dict:
+    """Measure every row; returns the JSON-able results (``save(out)`` is called after each row)."""
+    epochs_d, samples_d, n_test = (1, 3000, 2000) if quick else (2, 12000, None)
+    epochs, samples = epochs or epochs_d, samples or samples_d
+    max_evals = max_evals or (6 if quick else 8)
+    tol = tol or (0.04 if quick else 0.02)
     ft = {"lr": 0.01, "train_samples": samples, "val_fraction": 0.1}
     test = load_dataset("fashion-mnist", "test")
     out: dict = {"quick": quick, "method": METHOD, "finetune": {"epochs": epochs, **ft, "temperature": 4.0,
@@ -48,7 +53,7 @@ def run(quick: bool, models: tuple[str, ...]) -> dict:
                  "test_samples": n_test or len(test),
                  "env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                          "machine": platform.machine()},
-                 "rows": [], "max_drop": []}
+                 "search": {"tol": tol, "max_evals": max_evals}, "rows": [], "max_drop": []}
     for name in models:
         spec = resolve_model(f"zoo:{name}")
         base = evaluate_accuracy(spec.model, test, max_samples=n_test)
@@ -67,20 +72,22 @@ def run(quick: bool, models: tuple[str, ...]) -> dict:
                 p.numel() for p in spec.model.parameters())
             row["compressed"] = evaluate_accuracy(res.model, test, max_samples=n_test)
             for label, distill in (("finetuned_ce", False), ("finetuned_kd", True)):
-                again = rankslim.compress(spec.model, METHOD, params=frac, **common)
+                again = copy.deepcopy(res)  # the same compressed model, fine-tuned two ways
                 info = finetune_compressed(again, spec.model, "fashion-mnist", epochs, {**ft, "distill": distill})
                 row[label] = evaluate_accuracy(again.model, test, max_samples=n_test)
                 row[f"{label}_seconds"] = info["seconds"]
             row["seconds"] = round(time.perf_counter() - t0, 1)
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
+            if save is not None:
+                save(out)
         for tuned in (0, epochs):
             t0 = time.perf_counter()
             # compress(max_drop=...) with a coarser bracket in quick runs (every candidate may be fine-tuned)
             res = compress_within_drop(spec.model, spec.input_shape, method=METHOD, max_drop=0.01,
                                        data="fashion-mnist", bn_recalibrate=True, keep_stem=True,
                                        finetune_epochs=tuned, finetune_options={**ft, "val_fraction": 0.0},
-                                       tol=0.04 if quick else 0.01, max_evals=6 if quick else 10)
+                                       tol=tol, max_evals=max_evals)
             info = res.report.metrics["max_drop"]
             entry = {"model": name, "finetune_epochs": tuned, "chosen_params": info["chosen_budget"],
                      "held_out_original": info["original_accuracy"],
@@ -91,6 +98,8 @@ def run(quick: bool, models: tuple[str, ...]) -> dict:
                      "seconds": round(time.perf_counter() - t0, 1)}
             out["max_drop"].append(entry)
             print(json.dumps({k: v for k, v in entry.items() if k != "search"}), flush=True)
+            if save is not None:
+                save(out)
     return out
 
 
@@ -121,7 +130,8 @@ def write_docs(data: dict, quick: bool) -> str:
     lines += ["", "## Smallest parameter budget within 1 point", "",
               "`compress(max_drop=0.01)`: bisection on the params fraction, accuracy judged on 10 % of the TRAINING "
               "split held out (the test split never chooses); with fine-tuning every candidate is fine-tuned. Bracket "
-              f"{'0.04, at most 6 candidates (quick)' if quick else '0.01, at most 10 candidates'}.", "",
+              f"{data.get('search', {}).get('tol', 0.04 if quick else 0.01)}, at most "
+              f"{data.get('search', {}).get('max_evals', 6 if quick else 10)} candidates.", "",
               "| model | fine-tune epochs | chosen params | held-out original | held-out chosen | test original | "
               "test chosen | candidates | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for e in data["max_drop"]:
@@ -141,14 +151,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke run (writes *.quick.json / *.quick.md)")
     ap.add_argument("--docs", action="store_true", help="only regenerate the markdown from the JSON")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models")
+    ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default 2; 1 with --quick)")
+    ap.add_argument("--samples", type=int, default=None, help="fine-tune training images (default 12,000)")
+    ap.add_argument("--max-evals", type=int, default=None, help="max_drop candidates (default 8; 6 with --quick)")
+    ap.add_argument("--tol", type=float, default=None, help="max_drop bracket (default 0.02; 0.04 with --quick)")
     args = ap.parse_args()
     js, md = _paths(args.quick)
     if args.docs:
         data = json.loads(js.read_text())
     else:
-        data = run(args.quick, tuple(m for m in args.models.split(",") if m))
         js.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(js, (json.dumps(data, indent=1) + "\n").encode())
+
+        def save(out: dict) -> None:
+            atomic_write_bytes(js, (json.dumps(out, indent=1) + "\n").encode())
+        data = run(args.quick, tuple(m for m in args.models.split(",") if m), args.epochs, args.samples,
+                   args.max_evals, args.tol, save)
+        save(data)
     md.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(md, write_docs(data, args.quick).encode())
     print(f"wrote {js} and {md}")
