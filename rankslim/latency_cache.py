@@ -246,6 +246,25 @@ def interpolate(times: Mapping[int, float], r: int) -> float:
 # ------------------------------------------------------------------------------ speed-aware allocation
 
 
+def measure_targets(selection, table, *, runtime: str = "eager", batch: int = 1, threads: int = 1,
+                    samples: int = 8, multiple: int = 8, warmup: int = WARMUP, repeats: int = REPEATS,
+                    cache: LatencyCache | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`measure_layer` for every layer of ``table`` at its :func:`rank_grid`:
+    ``{layer: {"dense": ms, "ranks": {rank: ms}}}`` (cached on disk)."""
+    targets = {t.name: t for t in selection.targets}
+    return {lo.name: measure_layer(selection.methods[lo.name], targets[lo.name],
+                                   rank_grid(lo.max_rank, samples, multiple), runtime=runtime, batch=batch,
+                                   threads=threads, warmup=warmup, repeats=repeats, cache=cache)
+            for lo in table.layers}
+
+
+def time_model_ms(model: nn.Module, x: torch.Tensor, *, runtime: str = "eager", threads: int = 1,
+                  warmup: int = WARMUP, repeats: int = REPEATS) -> float:
+    """Median ms of one call of a whole ``model`` on ``x`` (not cached: a model has no geometry key).  Timed by
+    the same function as the layers, so the two are comparable (and tests fake both at one place)."""
+    return float(_time_module(model, x, runtime, threads, warmup, repeats))
+
+
 def speed_aware_table(selection, table, *, runtime: str = "eager", batch: int = 1, threads: int = 1,
                       samples: int = 8, multiple: int = 8, warmup: int = WARMUP, repeats: int = REPEATS,
                       cache: LatencyCache | None = None) -> tuple[Any, dict[str, dict[str, Any]]]:
@@ -253,20 +272,18 @@ def speed_aware_table(selection, table, *, runtime: str = "eager", batch: int = 
 
     ``selection``: the :class:`~rankslim.pipeline.Selection` the table was made from.  Returns the new table and
     ``{layer: {"dense": ms, "ranks": {rank: ms}}}`` (the measurements, for :func:`snap_ranks` and reports).
-    Parameter costs are unchanged.
+    Parameter costs are unchanged.  Each layer has its own scale (its dense MACs per dense ms), so a sum over
+    layers is a MAC-weighted sum of relative times, not a time: :mod:`rankslim.latency_budget` builds a table on
+    one common time scale for budgets on the whole model's measured time.
     """
     from .allocate import CostTable
     from .cost import Cost
 
-    targets = {t.name: t for t in selection.targets}
-    measured: dict[str, dict[str, Any]] = {}
+    measured = measure_targets(selection, table, runtime=runtime, batch=batch, threads=threads, samples=samples,
+                               multiple=multiple, warmup=warmup, repeats=repeats, cache=cache)
     options = []
     for lo in table.layers:
-        t, m = targets[lo.name], selection.methods[lo.name]
-        got = measure_layer(m, t, rank_grid(lo.max_rank, samples, multiple), runtime=runtime, batch=batch,
-                            threads=threads, warmup=warmup, repeats=repeats, cache=cache)
-        measured[lo.name] = got
-        dense_ms, times = got["dense"], got["ranks"]
+        dense_ms, times = measured[lo.name]["dense"], measured[lo.name]["ranks"]
         scale = lo.dense.macs / dense_ms if dense_ms and dense_ms > 0 else 0.0
 
         def cost_fn(r: int, lo=lo, times=times, scale=scale) -> Cost:
@@ -274,6 +291,16 @@ def speed_aware_table(selection, table, *, runtime: str = "eager", batch: int = 
         options.append(dataclasses.replace(lo, cost_fn=cost_fn))
     new = CostTable(options, table.original, round_to=table.round_to, quantities=table.quantities)
     return new, measured
+
+
+def fastest_at_or_above(times: Mapping[int, float], r: int, max_rank: int, step: int = 1) -> int:
+    """The rank at or above ``r`` with the least measured time: ``r`` itself (interpolated) or a sampled rank up to
+    ``max_rank`` that is a multiple of ``step`` (or ``max_rank``); the largest such rank on ties (more rank, same
+    time).  A higher rank only adds accuracy, so a rank can always be raised to it."""
+    here = interpolate(times, r)
+    better = [(t, -s) for s, t in times.items()
+              if r <= s <= max_rank and (s % step == 0 or s == max_rank) and t <= here]
+    return -min(better)[1] if better else r
 
 
 def snap_ranks(table, ranks: Mapping[str, int | None], measured: Mapping[str, Mapping[str, Any]],
@@ -286,11 +313,7 @@ def snap_ranks(table, ranks: Mapping[str, int | None], measured: Mapping[str, Ma
         times = measured.get(lo.name, {}).get("ranks", {})
         if r is None or not times:
             continue
-        here = interpolate(times, r)
-        better = [(t, -s) for s, t in times.items() if s >= r and s <= lo.max_rank and t <= here]
-        if not better:
-            continue
-        s = -min(better)[1]
+        s = fastest_at_or_above(times, r, lo.max_rank)
         if s == r:
             continue
         trial = {**out, lo.name: s}
@@ -311,6 +334,7 @@ def fastest_ranks(table, measured: Mapping[str, Mapping[str, Any]]) -> dict[str,
     return out
 
 
-__all__ = ["CACHE_ENV", "REPEATS", "WARMUP", "fastest_ranks", "LatencyCache", "LatencyKey", "cache_dir", "cpu_model",
-           "interpolate", "layer_at_rank", "latency_key", "layer_geometry", "machine_key", "measure_layer",
-           "missing_measurements", "rank_grid", "snap_ranks", "speed_aware_table"]
+__all__ = ["CACHE_ENV", "REPEATS", "WARMUP", "fastest_at_or_above", "fastest_ranks", "LatencyCache", "LatencyKey",
+           "cache_dir", "cpu_model", "interpolate", "layer_at_rank", "latency_key", "layer_geometry", "machine_key",
+           "measure_layer", "measure_targets", "missing_measurements", "rank_grid", "snap_ranks", "speed_aware_table",
+           "time_model_ms"]
