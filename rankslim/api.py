@@ -53,6 +53,7 @@ def compress(
     example_inputs: Any = None,
     transform: Callable[[Any], Any] | None = None,
     speed_aware: bool | str | Mapping[str, Any] = "auto",
+    latency: float | None = None,
 ) -> CompressionResult:
     """Compress ``model`` by replacing Conv2d/Linear layers with factorized ones.
 
@@ -108,6 +109,18 @@ def compress(
     CLI summary); with speed-aware allocation ``report.metrics["speed_aware"]`` holds the measurements and the
     layers never faster.
 
+    Latency budget: ``latency=0.5`` asks for a model whose MEASURED forward time is at most that fraction of the
+    original's, timed on ``speed_aware``'s ``runtime`` / ``batch`` / ``threads`` (default eager, batch 1, the current
+    ``torch.get_num_threads()``; e.g. ``speed_aware={"runtime": "onnxruntime", "batch": 32}``).  Each target layer
+    is timed alone at sampled ranks (cached) and the whole model once; the model's time is taken to be the sum of
+    its layers' plus a fixed rest (:mod:`rankslim.latency_budget`), the allocator meets the fraction on that
+    model and ranks are snapped to the fastest measured rank at or above them.  Combines with ``params`` (both
+    hold); not with ``macs``, ``ratio``, ``energy``, ``ranks``, ``max_drop``, ``example_inputs`` or
+    ``speed_aware=False``.  A fraction below the smallest the measurements allow raises :class:`BudgetError`
+    naming that smallest.  The built model is timed again: ``report.metrics["latency"]`` holds ``requested``,
+    ``predicted`` and ``measured`` fractions (a measured one above the request beyond noise is a warning note,
+    timings being noisy); ``report.metrics["allocation_mode"]["mode"]`` is ``"latency budget"``.
+
     Accuracy target: ``max_drop=0.01`` (or ``"1%"``) returns the SMALLEST budget (fraction of ``params``, or
     of ``macs`` when ``macs=`` is given; a given fraction is the largest allowed) whose model loses at most
     that much top-1 accuracy on a held-out part of the TRAINING data (``eval_data``, else 10 % of ``data``)
@@ -120,6 +133,11 @@ def compress(
     spec_str: str | None = None
     dataset_name: str | None = None
     request = speed_request(speed_aware)  # validated (and the environment read) before any work
+    latency_opts = None
+    if latency is not None:
+        from .latency_budget import check_request
+        latency_opts = check_request(latency, speed_aware, request, params=params, macs=macs, ratio=ratio,
+                                     energy=energy, ranks=ranks, max_drop=max_drop, example_inputs=example_inputs)
     if isinstance(model, str):
         from .zoo import resolve_model
         ms = resolve_model(model)
@@ -164,8 +182,13 @@ def compress(
     if eval_data is not None:
         raise OptionError("eval_data is the held-out data of a max_drop search: pass max_drop=... too")
     budget = Budget(params=params, macs=macs)
-    # every option is validated before any work starts
-    alloc = choose_allocator(budget, ratio, energy, ranks, allocator, allocator_options)
+    # every option is validated before any work starts (a latency budget is allocated as the MAC slot of a time
+    # table, so the allocator is chosen for params + "macs")
+    alloc = choose_allocator(budget if latency is None else Budget(params=params, macs=latency), ratio, energy, ranks,
+                             allocator, allocator_options)
+    if latency is not None and alloc.budget != "required":
+        raise OptionError(f"the {alloc.name} allocator does not meet a budget; a latency budget needs one that does "
+                          "(default cptv)")
     was_training = model.training
 
     sel = select(model, input_shape, method, methods=methods, method_options=method_options, include=include,
@@ -179,12 +202,23 @@ def compress(
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    table = cost_table(sel, cal, quantities=budget.quantities, round_to=round_to, keep_head=keep_head)
+    table = cost_table(sel, cal, quantities=budget.quantities if latency is None else [*budget.quantities, "macs"],
+                       round_to=round_to, keep_head=keep_head)
     plain_table, check, estimate = table, None, None
+    latency_model = None
     fixed_by = next((n for n, v in (("ratio", ratio), ("energy", energy), ("ranks", ranks)) if v is not None),
                     alloc.name if alloc is not None and not budget.is_set() else None)
     mode: dict[str, Any] | None = None
-    if request.mode == "off":
+    if latency is not None:
+        from .latency_budget import allocate_latency, latency_model as measure_latency_model
+        latency_model = measure_latency_model(sel, table, **latency_opts)
+        timings["speed_measure"] = latency_model.seconds
+        allocation = allocate_latency(sel, latency_model, alloc, latency, params=params, calibration=cal, seed=seed,
+                                      solver=solver, eval_fn=eval_fn)
+        mode = {"mode": "latency budget", "latency": latency, "predicted": latency_model.fraction(allocation),
+                "smallest": latency_model.smallest, "runtime": latency_model.runtime, "batch": latency_model.batch,
+                "threads": latency_model.threads, "measure_seconds": round(latency_model.seconds, 3)}
+    elif request.mode == "off":
         mode = mac_only(f"turned off ({request.source})", request)
     elif ranks is not None:  # only the environment's "on" or auto get here: explicit ranks leave nothing to time
         mode = mac_only("no MAC budget (ranks fixes the ranks)", request)
@@ -205,32 +239,40 @@ def compress(
                 raise
             mode = mac_only(f"measuring failed ({type(exc).__name__}: {exc})", request)
         timings["speed_measure"] = time.perf_counter() - t_measure
-    try:
-        allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
-                              eval_fn=eval_fn)
-    except BudgetError as exc:
-        if check is None:
-            raise
-        never = sum(1 for lo in table.layers if not any(lo.faster(r) for r in (1, lo.max_rank)))
-        detail = (f"{never} of {len(table.layers)} layer(s) were measured no faster factorized at batch "
-                  f"{check.batch}, so they stay dense")
-        if request.mode == "on":
-            raise BudgetError(f"{exc} Speed-aware: {detail}; try a larger --speed-batch, a larger budget, or "
-                              "MAC-only allocation (--mac-only, speed_aware=False).") from None
-        # auto: the user asked for a budget, not for speed-aware mode; the MAC-only allocation still meets it
-        mode = mac_only(f"speed-aware budget infeasible: {detail} and the budget cannot be met that way", request)
-        table, check = plain_table, None
-        allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
-                              eval_fn=eval_fn)
+    if latency_model is None:  # the latency budget allocated above
+        try:
+            allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
+                                  eval_fn=eval_fn)
+        except BudgetError as exc:
+            if check is None:
+                raise
+            never = sum(1 for lo in table.layers if not any(lo.faster(r) for r in (1, lo.max_rank)))
+            detail = (f"{never} of {len(table.layers)} layer(s) were measured no faster factorized at batch "
+                      f"{check.batch}, so they stay dense")
+            if request.mode == "on":
+                raise BudgetError(f"{exc} Speed-aware: {detail}; try a larger --speed-batch, a larger budget, or "
+                                  "MAC-only allocation (--mac-only, speed_aware=False).") from None
+            # auto: the user asked for a budget, not for speed-aware mode; the MAC-only allocation still meets it
+            mode = mac_only(f"speed-aware budget infeasible: {detail} and the budget cannot be met that way", request)
+            table, check = plain_table, None
+            allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
+                                  eval_fn=eval_fn)
     timings["allocate"] = time.perf_counter() - t0 - timings.get("speed_measure", 0.0)
 
     t0 = time.perf_counter()
     built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
     timings["decompose"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
+    # a latency budget leaves MACs free (the time model holds them), params still hold exactly
     result = finalize(sel, built, allocation, cal, budget=budget, method=method,
-                      budget_request={"params": params, "macs": macs, "ratio": ratio, "energy": energy},
+                      budget_request={"params": params, "macs": macs, "ratio": ratio, "energy": energy,
+                                      **({"latency": latency} if latency is not None else {})},
                       bn_recalibrate=bn_recalibrate, timings=timings, was_training=was_training)
+    if latency_model is not None:
+        from .latency_budget import record_latency
+        # after inplace=True the original is gone: its cost-model measurement stands in
+        record_latency(result.report, latency_model, result.model, allocation, latency,
+                       original=None if inplace else sel.original, input_shape=sel.input_shape)
     if check is not None:
         slow = [lo.name for lo in table.layers if allocation.get(lo.name) is None and lo.faster is not None
                 and not any(lo.faster(r) for r in range(1, lo.max_rank + 1, max(1, lo.max_rank // 32)))]

@@ -42,7 +42,9 @@ class Report:
     ``original``/``compressed`` are whole-model costs; ``targeted_before``/``targeted_after`` the
     same restricted to the target layers; ``budget`` the requested fractions.  ``metrics["latency"]``
     (optional, filled by :func:`rankslim.bench.add_latency`) holds measured latency of original vs
-    compressed; ``to_markdown`` shows it as a section of its own.  ``metrics["allocation_mode"]`` says whether
+    compressed; ``to_markdown`` shows it as a section of its own; a latency budget
+    (:mod:`rankslim.latency_budget`) adds its ``requested`` / ``predicted`` / ``measured`` fractions there (one
+    "latency:" line of the totals).  ``metrics["allocation_mode"]`` says whether
     the ranks were allocated speed-aware (measured) or MAC-only and why (one "allocation:" line of the totals).
     """
 
@@ -110,6 +112,9 @@ class Report:
         if self.metrics.get("allocation_mode"):
             from .speed_mode import describe
             lines.append("allocation: " + describe(self.metrics["allocation_mode"]))
+        if (self.metrics.get("latency") or {}).get("requested") is not None:
+            from .latency_budget import describe_latency
+            lines.append(describe_latency(self.metrics["latency"]))
         for k, v in self.metrics.items():
             # latency: a section of its own in to_markdown; allocation_mode: the line above; speed_aware: its
             # per-layer timings belong in report.json, the allocation line and notes summarise them
@@ -126,7 +131,7 @@ class Report:
         if self.skipped:
             lines += ["", "## Skipped layers", "", "| layer | type | reason |", "|---|---|---|"]
             lines += [f"| {s['name']} | {s['type']} | {s['reason']} |" for s in self.skipped]
-        if self.metrics.get("latency"):
+        if (self.metrics.get("latency") or {}).get("rows"):  # a latency budget alone has its totals line
             from .bench import latency_markdown
             lines += ["", "## Latency (measured)", "", latency_markdown(self.metrics["latency"]).rstrip("\n")]
         if self.notes:

@@ -238,6 +238,11 @@ def auto_decision(request: SpeedRequest, selection, table, *, macs_budget: bool,
 
 def describe(mode: Mapping[str, Any]) -> str:
     """One line for the report / CLI: which allocation was used and why."""
+    if mode.get("mode") == "latency budget":
+        return (f"latency budget ({mode.get('runtime')}, batch {mode.get('batch')}, {mode.get('threads')} thread(s): "
+                f"measured time <= {float(mode['latency']):g} of the original's; predicted "
+                f"{float(mode['predicted']):.3f} from the layers timed alone, smallest reachable "
+                f"{float(mode['smallest']):.3f})")
     if mode.get("mode") == "speed-aware":
         margin = 100 * float(mode.get("margin", 0))
         how = (f"{mode.get('runtime')}, batch {mode.get('batch')}, {mode.get('threads')} thread(s): a layer is "
