@@ -426,9 +426,9 @@ def compare(original: nn.Module, compressed: nn.Module | None, input_shape: Sequ
 def add_latency(report, original: nn.Module, compressed: nn.Module, input_shape: Sequence[int], **kwargs) -> dict:
     """Measure ``original`` vs ``compressed`` (:func:`compare`, same keyword arguments) and store the result in
     ``report.metrics["latency"]`` (shown by ``report.to_markdown()``), next to the fractions of a latency budget
-    already there.  Returns the comparison's dict."""
-    d = compare(original, compressed, input_shape, **kwargs).to_dict()
-    report.metrics["latency"] = {**(report.metrics.get("latency") or {}), **d}
+    already there (:mod:`rankslim.latency_budget`).  Returns that dict."""
+    d = {**(report.metrics.get("latency") or {}), **compare(original, compressed, input_shape, **kwargs).to_dict()}
+    report.metrics["latency"] = d
     return d
 
 

@@ -134,6 +134,19 @@ def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_s
     return {"mode": "auto", **opts} if opts else "auto"
 
 
+def _latency_budget(value: Optional[str]) -> Optional[float]:
+    """``--latency-budget`` as a fraction in (0, 1]; read as text so that a non-number is one line, not typer's box."""
+    if value is None:
+        return None
+    from .latency_budget import check_fraction
+    try:
+        number = float(value)
+    except ValueError:
+        raise RankslimError(f"--latency-budget takes a fraction in (0, 1] of the original model's measured time "
+                            f"(0.5: at most half of it), got {value!r}") from None
+    return check_fraction(number)
+
+
 def _require_shape(spec) -> tuple[int, ...]:
     if spec.input_shape is None:
         raise InputShapeError(f"the input shape of {spec.spec or 'this model'} is not known: pass the per-sample "
@@ -214,6 +227,10 @@ def compress(
                                  help="fine-tune by distillation from the original model (T=4, alpha=0.9)"),
     latency: bool = typer.Option(False, "--latency", help="measure CPU latency of original vs compressed (eager, "
                                                           "batch 1, 1 thread) into the report (see docs/speed.md)"),
+    latency_budget: Optional[str] = typer.Option(
+        None, "--latency-budget", help="keep the compressed model's MEASURED time at most this fraction of the "
+                                       "original's (eager, batch 1 or --speed-batch, torch's threads); combines with "
+                                       "--params, not --macs (see docs/speed.md)"),
 ) -> None:
     """Compress MODEL and write the compressed model, report.json and report.md to --out.
 
@@ -223,6 +240,9 @@ def compress(
     Allocation: speed-aware (layers timed on this machine) or MAC-only is chosen automatically — speed-aware for a
     --macs budget when measuring is cheap; --speed-aware / --mac-only force either.  The summary's "allocation:"
     line says which was used and why.
+
+    Latency budget: --latency-budget 0.5 keeps the compressed model's measured time (eager, batch 1 or --speed-batch)
+    at most half the original's; the summary's "latency:" line gives the requested, predicted and measured fractions.
     """
     from . import api, io
     from .data import evaluate_accuracy, load_dataset
@@ -230,11 +250,12 @@ def compress(
 
     try:
         speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds)
+        latency_fraction = _latency_budget(latency_budget)
         if model is None:
             # the bundled main job: reference ResNet-20, half the MACs, stem kept dense, BatchNorm re-estimated
             # (see docs/results/svd_baseline.md for what each of these is worth)
             model = DEFAULT_MODEL
-            if all(v is None for v in (params, macs, ratio, energy)) and max_drop is None:
+            if all(v is None for v in (params, macs, ratio, energy, latency_fraction)) and max_drop is None:
                 macs = DEFAULT_MACS
             bn_recalibrate = keep_stem = True
             if finetune_epochs is None and max_drop is None:  # with --max-drop every candidate would be tuned
@@ -246,7 +267,8 @@ def compress(
         ft_opts = {"distill": distill, "lr": finetune_lr or DEFAULT_FINETUNE_LR, "train_samples": finetune_samples,
                    "val_fraction": 0.1}
         out = out if out is not None else default_output_dir(
-            model, method, {"params": params, "macs": macs, "ratio": ratio, "energy": energy}, allocator)
+            model, method, {"params": params, "macs": macs, "ratio": ratio, "energy": energy,
+                            "latency": latency_fraction}, allocator)
         names = ["model.rankslim", "report.json", "report.md"] + (["model.onnx"] if onnx else [])
         # before the long compression: a refused directory costs nothing and nothing is written
         check_output_dir(out, names, force)
@@ -277,7 +299,8 @@ def compress(
                 data=own_data if own_data is not None else dataset,
                 calib_samples=calib_samples, sequential=sequential, seed=seed, bn_recalibrate=bn_recalibrate,
                 speed_aware=speed, progress=console.is_terminal, method_options=m_opts, allocator_options=a_opts,
-                max_drop=max_drop, finetune_epochs=finetune_epochs if max_drop is not None else 0,
+                max_drop=max_drop, latency=latency_fraction,
+                finetune_epochs=finetune_epochs if max_drop is not None else 0,
                 finetune_options=ft_opts if max_drop is not None and finetune_epochs else None)
         except (TypeError, ValueError) as exc:
             if not (m_opts or a_opts):
@@ -313,6 +336,12 @@ def compress(
             console.print(line)
         for s in result.report.skipped:
             console.print(f"[yellow]skipped[/] {s['name']} ({s['type']}): {s['reason']}")
+        lat = result.report.metrics.get("latency") or {}
+        if lat.get("over"):
+            console.print(Text(f"warning: the compressed model measured {lat['measured']:.3f} of the original's time, "
+                               f"over the latency budget {lat['requested']:g} (predicted {lat['predicted']:.3f}); "
+                               "timings are noisy: re-measure on an idle machine (rankslim bench)", style="yellow"),
+                          soft_wrap=True)
         search = result.report.metrics.get("max_drop")
         if search:
             console.print(f"max-drop search: {search['evaluations']} budgets tried; chose {search['quantity']} "
