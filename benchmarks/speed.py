@@ -5,10 +5,11 @@ zoo models (trained: accuracy reported), each at ``macs`` 0.5 and 0.3 with the d
 kept dense).  For every (model, budget, runtime, batch):
 
 * **MAC-only**: the default allocator (``cptv``) on the MAC budget;
-* **speed-aware**: the same allocator on a cost table whose MAC costs are each layer's MEASURED time at sampled
-  ranks on that runtime and batch (:func:`rankslim.latency_cache.speed_aware_table`; cached on disk), ranks
-  snapped to the fastest sampled rank at or above them (:func:`rankslim.latency_cache.snap_ranks`).  Its
-  budget is on measured time, so its MAC count may differ from the request (both are reported).
+* **speed-aware**: the same allocator under a LATENCY budget of the same fraction, i.e. ``compress(latency=...)``'s
+  allocation (:mod:`rankslim.latency_budget`): each layer's MEASURED time at sampled ranks on that runtime and batch
+  (cached on disk) plus the measured rest of the model, ranks standing for the fastest measured rank at or above
+  them.  Its budget is on measured time, so its MAC count may differ from the request (both are reported); when
+  the measurements cannot reach the fraction, the smallest fraction they allow is used (``time_fraction_used``).
 
 Reported: median latency (ms per batch) of original and compressed, speedup, MAC reduction, efficiency = speedup ÷
 MAC reduction, and accuracy where weights are trained.  Run it ALONE on an idle machine (timings of a shared
@@ -28,10 +29,10 @@ from typing import Any
 
 import torch
 
-from rankslim.allocate import Allocation, Budget
+from rankslim.allocate import Budget
 from rankslim.bench import compare, machine_info
-from rankslim.errors import BudgetError
-from rankslim.latency_cache import LatencyCache, fastest_ranks, snap_ranks, speed_aware_table
+from rankslim.latency_budget import allocate_latency, latency_model
+from rankslim.latency_cache import LatencyCache
 from rankslim.pipeline import allocate, build, calibrate, choose_allocator, cost_table, finalize, select
 from rankslim.zoo import ZOO, resolve_model
 
@@ -58,36 +59,18 @@ def compress_one(model, shape, macs: float, *, speed: dict | None, cache: Latenc
     sel = select(model, shape, "svd", keep_head=True, spec=spec)
     cal = calibrate(sel, None)
     table = cost_table(sel, cal, quantities=("macs",))
-    t_measure = 0.0
-    measured: dict[str, Any] = {}
-    if speed is not None:
-        t0 = time.perf_counter()
-        table, measured = speed_aware_table(sel, table, runtime=speed["runtime"], batch=speed["batch"],
-                                            threads=speed["threads"], samples=grid, cache=cache)
-        t_measure = time.perf_counter() - t0
+    t_measure, used, predicted = 0.0, macs, None
     if speed is None:
         allocation = allocate(sel, table, alloc, budget)
     else:
-        allocation, used = None, macs
-        try:
-            allocation = allocate(sel, table, alloc, budget)
-        except BudgetError:
-            # The measured time cannot shrink that much: the SMALLEST time fraction that can be met, found by
-            # bisection, keeps CPTV's accuracy-minded choice; the measured-fastest ranks (often rank 1 on every
-            # layer) would trade all the accuracy for a few percent of time.
-            lo, hi = macs, 1.0
-            for _ in range(8):
-                mid = (lo + hi) / 2
-                try:
-                    allocation, used = allocate(sel, table, alloc, Budget(macs=mid)), mid
-                    hi = mid
-                except BudgetError:
-                    lo = mid
-            if allocation is None:
-                allocation = Allocation(fastest_ranks(table, measured), info={"allocator": "fastest-measured"})
-                used = None
-        if allocation.info.get("allocator") != "fastest-measured":
-            allocation = Allocation(snap_ranks(table, allocation, measured, Budget(macs=used)), info=allocation.info)
+        model_t = latency_model(sel, table, runtime=speed["runtime"], batch=speed["batch"], threads=speed["threads"],
+                                samples=grid, cache=cache)
+        t_measure = model_t.seconds
+        # The measured time cannot always shrink that much: then the SMALLEST fraction the measurements allow (a hair
+        # above, so the float round trip through the integer time table still fits) instead of a refusal
+        used = max(macs, min(1.0, model_t.smallest + 1e-6))
+        allocation = allocate_latency(sel, model_t, alloc, used)
+        predicted = model_t.fraction(allocation)
     built = build(sel, allocation, cal)
     # the speed-aware budget is on measured time, so the built model's MACs are not held to the request
     result = finalize(sel, built, allocation, cal, budget=budget if speed is None else Budget(), method="svd",
@@ -95,6 +78,7 @@ def compress_one(model, shape, macs: float, *, speed: dict | None, cache: Latenc
     result.report.metrics["allocation"] = "MAC-only" if speed is None else f"speed-aware ({speed['runtime']}, " \
                                                                           f"batch {speed['batch']})"
     result.report.metrics["time_fraction_used"] = macs if speed is None else used
+    result.report.metrics["time_fraction_predicted"] = predicted
     return result, t_measure
 
 
@@ -176,6 +160,7 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
                             "accuracy_after": acc_of(res), "measure_seconds": t_meas if kind == "speed-aware" else 0.0,
                             "dense_layers": sum(1 for r in res.report.rows if not r.replaced),
                             "time_fraction_used": res.report.metrics.get("time_fraction_used"),
+                            "time_fraction_predicted": res.report.metrics.get("time_fraction_predicted"),
                             "load_average": load})
                         print(json.dumps(out["rows"][-1]), flush=True)
                         save()

@@ -239,8 +239,9 @@ def allocate_latency(selection, model: LatencyModel, allocator: Allocator, fract
             f"latency budget {fraction:g} cannot be met: the smallest time fraction the measurements allow is "
             f"{_up(model.smallest)} ({n_fast} of {len(model.table.layers)} target layer(s) at their measured-fastest "
             f"rank, the others dense; the rest of the model alone takes {model.rest_ms / model.model_ms:.3g}), timed "
-            f"on {how}. Raise the latency budget, target more layers (include/min_params), or time at a larger batch "
-            "(speed_aware={'batch': 32}, --speed-batch), where factorized layers gain more.")
+            f"on {how}. Raise the latency budget or target more layers (include/min_params)"
+            + (", or time at a larger batch (speed_aware={'batch': 32}, --speed-batch), where factorized layers gain "
+               "more" if model.batch < 32 else "") + ".")
     budget = Budget(params=params, macs=fraction)
     if params is not None:
         model.table.require_feasible(Budget(params=params))  # the params reason alone, in params words
