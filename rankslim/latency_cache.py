@@ -10,8 +10,8 @@ the one asked for (collision, hand edit) or that does not parse is a miss and is
 **Speed-aware allocation.** :func:`speed_aware_table` replaces, in a :class:`~rankslim.allocate.CostTable`,
 each target's MAC cost by its MEASURED time expressed in MAC-equivalents: ``dense_macs × t(r) / t_dense``,
 ``t`` measured at a few sampled ranks (``rank_grid``) and interpolated linearly in between.  Allocators then
-spend a MAC budget on measured time (a ``macs=0.5`` budget asks for half the targets' measured time, plus the
-untouched layers' MACs); a layer whose factorized form is not measurably faster than dense at any rank is never
+spend a MAC budget on measured time, each layer's relative time weighted by its dense MACs (the untouched layers
+counted by MACs: not a fraction of the model's time — :mod:`rankslim.latency_budget` builds that); a layer whose factorized form is not measurably faster than dense at any rank is never
 factorized (``CostTable.worth_it``: strictly cheaper).  :func:`snap_ranks` then raises each chosen rank to
 the sampled rank at or above it with the least measured time (ranks the kernels favour, e.g. multiples of 8),
 when the budget still fits.
