@@ -1,21 +1,24 @@
-"""Measured speed of compressed models: MAC-only vs speed-aware allocation, eager and ONNX Runtime, batch 1 and 32.
+"""Measured speed of compressed models: MAC-only, speed-aware and latency-budget allocation, eager and ONNX Runtime,
+batch 1 and 32.
 
-Models: torchvision resnet50, vgg16, mobilenet_v2 (random weights: no pretrained weights offline; 224x224) and the
-zoo models (trained: accuracy reported), each at ``macs`` 0.5 and 0.3 with the data-free SVD method (output head
-kept dense).  For every (model, budget, runtime, batch):
+Models: torchvision resnet50, mobilenet_v2, vgg16 (random weights: no pretrained weights offline; 224x224) and the
+zoo models (trained: accuracy reported), each at a fraction 0.5 and 0.3 with the data-free SVD method (output head
+kept dense).  For every (model, fraction, runtime, batch), three allocations:
 
-* **MAC-only**: the default allocator (``cptv``) on the MAC budget;
-* **speed-aware**: the same allocator under a LATENCY budget of the same fraction, i.e. ``compress(latency=...)``'s
-  allocation (:mod:`rankslim.latency_budget`): each layer's MEASURED time at sampled ranks on that runtime and batch
-  (cached on disk) plus the measured rest of the model, ranks standing for the fastest measured rank at or above
-  them.  Its budget is on measured time, so its MAC count may differ from the request (both are reported); when
-  the measurements cannot reach the fraction, the smallest fraction they allow is used (``time_fraction_used``).
+* **mac-only**: ``compress(macs=F, speed_aware=False)``: the default allocator (``cptv``) on the MAC budget;
+* **speed-aware**: ``compress(macs=F, speed_aware={runtime, batch, threads})``: the same exact MAC budget, a layer
+  factorized only at ranks measured faster than dense on that runtime and batch (what ``speed_aware="auto"``, the
+  default, does when measuring is cheap).  When no such allocation meets the MAC budget the row says
+  *infeasible* (auto then falls back to mac-only);
+* **latency**: ``compress(latency=F, speed_aware={...})``: the model's MEASURED time at most F of the original's
+  (:mod:`rankslim.latency_budget`); its MACs are whatever that takes. *infeasible* with the smallest reachable
+  fraction when the measurements cannot reach F.
 
 Reported: median latency (ms per batch) of original and compressed, speedup, MAC reduction, efficiency = speedup ÷
 MAC reduction, and accuracy where weights are trained.  Run it ALONE on an idle machine (timings of a shared
-machine are meaningless):
+machine are meaningless); the load average is recorded with every row:
 
-    python benchmarks/speed.py                       # full run: writes benchmarks/results/speed.json + docs
+    python benchmarks/speed.py [--max-minutes M]      # full run: writes benchmarks/results/speed.json + docs
     python benchmarks/speed.py --docs                # regenerate docs/results/speed.md + speed.png from the JSON
     python benchmarks/speed.py --smoke --out /tmp/speed.json   # seconds: checks the script works (no figures)
 """
@@ -23,23 +26,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rankslim.allocate import Budget
-from rankslim.bench import compare, machine_info
-from rankslim.latency_budget import allocate_latency, latency_model
-from rankslim.latency_cache import LatencyCache
-from rankslim.pipeline import allocate, build, calibrate, choose_allocator, cost_table, finalize, select
+import rankslim
+from rankslim.bench import efficiency, machine_info, make_example, measure_latency, total_macs
+from rankslim.errors import BudgetError
 from rankslim.zoo import ZOO, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 DOC = ROOT / "docs" / "results" / "speed.md"
 PLOT = ROOT / "docs" / "results" / "speed.png"
+KINDS = ("mac-only", "speed-aware", "latency")
 
 FULL = {"models": ["torchvision:resnet50", "torchvision:mobilenet_v2", *[f"zoo:{n}" for n in sorted(ZOO)],
                    "torchvision:vgg16"],
@@ -50,36 +53,18 @@ SMOKE = {"models": ["zoo:lenet5"], "budgets": [0.5], "runtimes": ["eager", "onnx
          "threads": 1, "warmup": 1, "repeats": 2, "grid": 3, "eval_samples": 200}
 
 
-def compress_one(model, shape, macs: float, *, speed: dict | None, cache: LatencyCache, grid: int,
-                 spec: str | None = None):
-    """Compress ``model`` to ``macs`` with SVD: MAC-only (``speed=None``) or speed-aware on ``speed``
-    (``{"runtime", "batch", "threads"}``).  Returns ``(CompressionResult, seconds spent measuring)``."""
-    budget = Budget(macs=macs)
-    alloc = choose_allocator(budget, None, None, None, None, None)
-    sel = select(model, shape, "svd", keep_head=True, spec=spec)
-    cal = calibrate(sel, None)
-    table = cost_table(sel, cal, quantities=("macs",))
-    t_measure, used, predicted = 0.0, macs, None
-    if speed is None:
-        allocation = allocate(sel, table, alloc, budget)
-    else:
-        model_t = latency_model(sel, table, runtime=speed["runtime"], batch=speed["batch"], threads=speed["threads"],
-                                samples=grid, cache=cache)
-        t_measure = model_t.seconds
-        # The measured time cannot always shrink that much: then the SMALLEST fraction the measurements allow (a hair
-        # above, so the float round trip through the integer time table still fits) instead of a refusal
-        used = max(macs, min(1.0, model_t.smallest + 1e-6))
-        allocation = allocate_latency(sel, model_t, alloc, used)
-        predicted = model_t.fraction(allocation)
-    built = build(sel, allocation, cal)
-    # the speed-aware budget is on measured time, so the built model's MACs are not held to the request
-    result = finalize(sel, built, allocation, cal, budget=budget if speed is None else Budget(), method="svd",
-                      budget_request={"macs": macs})
-    result.report.metrics["allocation"] = "MAC-only" if speed is None else f"speed-aware ({speed['runtime']}, " \
-                                                                          f"batch {speed['batch']})"
-    result.report.metrics["time_fraction_used"] = macs if speed is None else used
-    result.report.metrics["time_fraction_predicted"] = predicted
-    return result, t_measure
+def compress_kind(spec: str, model, shape, frac: float, kind: str, speed: dict[str, Any], grid: int):
+    """``(CompressionResult | None, reason)``: ``model`` compressed with SVD at ``frac`` by allocation ``kind``."""
+    common = dict(input_shape=shape, keep_head=True)
+    try:
+        if kind == "mac-only":
+            return rankslim.compress(model, "svd", macs=frac, speed_aware=False, **common), None
+        opts = {**speed, "samples": grid}
+        if kind == "speed-aware":
+            return rankslim.compress(model, "svd", macs=frac, speed_aware=opts, **common), None
+        return rankslim.compress(model, "svd", latency=frac, speed_aware=opts, **common), None
+    except BudgetError as exc:
+        return None, str(exc)
 
 
 def _per_batch(value: int | dict, batch: int) -> int:
@@ -87,7 +72,6 @@ def _per_batch(value: int | dict, batch: int) -> int:
 
 
 def _load() -> list[float]:
-    import os
     return [round(x, 2) for x in os.getloadavg()]
 
 
@@ -96,11 +80,11 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
 
     With ``max_minutes``, configurations not started by then are listed under ``not_run`` instead of measured.
     """
+    from rankslim.data import evaluate_accuracy, load_dataset
     from rankslim.train.loop import atomic_write_bytes
 
     t_start = time.perf_counter()
     threads = cfg["threads"] or torch.get_num_threads()
-    cache = LatencyCache()
     out: dict[str, Any] = {"machine": machine_info(), "threads": threads, "config": cfg, "rows": [], "not_run": [],
                            "load_average_at_start": _load()}
 
@@ -113,56 +97,61 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
     for spec_str in cfg["models"]:
         spec = resolve_model(spec_str)
         shape = spec.input_shape
-        acc_before = None
-        test = None
-        accuracy: dict[int, float | None] = {}
-        if spec.dataset is not None:
-            from rankslim.data import evaluate_accuracy, load_dataset
-            test = load_dataset(spec.dataset, "test")
-            acc_before = evaluate_accuracy(spec.model, test, max_samples=cfg["eval_samples"])
+        test = load_dataset(spec.dataset, "test") if spec.dataset is not None else None
+        accuracy: dict[int, float] = {}
 
-        def acc_of(res) -> float | None:
+        def acc_of(model) -> float | None:
             if test is None:
                 return None
-            if id(res) not in accuracy:
-                from rankslim.data import evaluate_accuracy
-                accuracy[id(res)] = evaluate_accuracy(res.model, test, max_samples=cfg["eval_samples"])
-            return accuracy[id(res)]
+            if id(model) not in accuracy:
+                accuracy[id(model)] = evaluate_accuracy(model, test, max_samples=cfg["eval_samples"])
+            return accuracy[id(model)]
 
-        for macs in cfg["budgets"]:
+        probe = make_example(shape, 1)
+        macs_original = total_macs(spec.model, probe)
+        for frac in cfg["budgets"]:
             mac_only = None
             for rt in cfg["runtimes"]:
                 for b in cfg["batches"]:
                     if max_minutes is not None and time.perf_counter() - t_start > 60 * max_minutes:
-                        out["not_run"].append({"model": spec_str, "macs_budget": macs, "runtime": rt, "batch": b})
+                        out["not_run"].append({"model": spec_str, "macs_budget": frac, "runtime": rt, "batch": b})
                         save()
                         continue
-                    if mac_only is None:
-                        mac_only, _ = compress_one(spec.model, shape, macs, speed=None, cache=cache,
-                                                   grid=cfg["grid"], spec=spec_str)
                     speed = {"runtime": rt, "batch": b, "threads": threads}
-                    aware, t_meas = compress_one(spec.model, shape, macs, speed=speed, cache=cache, grid=cfg["grid"],
-                                                 spec=spec_str)
-                    for kind, res in (("mac-only", mac_only), ("speed-aware", aware)):
-                        load = _load()
-                        d = compare(spec.model, res.model, shape, runtimes=(rt,), batches=(b,), threads=threads,
-                                    warmup=_per_batch(cfg["warmup"], b), repeats=_per_batch(cfg["repeats"], b),
-                                    per_layer=False).to_dict()
-                        row = d["rows"][0]
-                        out["rows"].append({
-                            "model": spec_str, "macs_budget": macs, "allocation": kind, "runtime": rt, "batch": b,
-                            "threads": threads, "original_ms": row["original"]["median_ms"],
-                            "original_iqr_ms": row["original"]["iqr_ms"],
-                            "compressed_ms": row["compressed"]["median_ms"],
-                            "compressed_iqr_ms": row["compressed"]["iqr_ms"], "speedup": row["speedup"],
-                            "mac_reduction": row["mac_reduction"], "efficiency": row["efficiency"],
-                            "macs_kept": 1.0 / row["mac_reduction"], "accuracy_before": acc_before,
-                            "accuracy_after": acc_of(res), "measure_seconds": t_meas if kind == "speed-aware" else 0.0,
-                            "dense_layers": sum(1 for r in res.report.rows if not r.replaced),
-                            "time_fraction_used": res.report.metrics.get("time_fraction_used"),
-                            "time_fraction_predicted": res.report.metrics.get("time_fraction_predicted"),
-                            "load_average": load})
-                        print(json.dumps(out["rows"][-1]), flush=True)
+                    timing = dict(runtime=rt, threads=threads, warmup=_per_batch(cfg["warmup"], b),
+                                  repeats=_per_batch(cfg["repeats"], b))
+                    x = make_example(shape, b)
+                    original = measure_latency(spec.model, x, **timing)
+                    for kind in KINDS:
+                        t0 = time.perf_counter()
+                        if kind == "mac-only":
+                            if mac_only is None:
+                                mac_only = compress_kind(spec_str, spec.model, shape, frac, kind, speed, cfg["grid"])
+                            res, why = mac_only
+                        else:
+                            res, why = compress_kind(spec_str, spec.model, shape, frac, kind, speed, cfg["grid"])
+                        seconds = time.perf_counter() - t0
+                        row: dict[str, Any] = {
+                            "model": spec_str, "macs_budget": frac, "allocation": kind, "runtime": rt, "batch": b,
+                            "threads": threads, "original_ms": original.median_ms,
+                            "original_iqr_ms": original.iqr_ms, "accuracy_before": acc_of(spec.model),
+                            "compress_seconds": round(seconds, 2), "load_average": _load()}
+                        if res is None:
+                            row["infeasible"] = why
+                        else:
+                            lat = measure_latency(res.model, x, **timing)
+                            m = res.report.metrics
+                            row.update({"compressed_ms": lat.median_ms, "compressed_iqr_ms": lat.iqr_ms,
+                                        **efficiency(original.median_ms, lat.median_ms, macs_original,
+                                                     total_macs(res.model, probe)),
+                                        "accuracy_after": acc_of(res.model),
+                                        "dense_layers": sum(1 for r in res.report.rows if not r.replaced),
+                                        "allocation_mode": m.get("allocation_mode"),
+                                        "latency_budget": {k: v for k, v in (m.get("latency") or {}).items()
+                                                           if k in ("requested", "predicted", "measured")}})
+                            row["macs_kept"] = 1.0 / row["mac_reduction"]
+                        out["rows"].append(row)
+                        print(json.dumps(row), flush=True)
                         save()
     save()
     return out
@@ -170,23 +159,43 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
 
 def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
     """Write the Markdown table and the speedup plot from a results dict."""
+    m = data["machine"]
     lines = ["# Measured speed (generated by `benchmarks/speed.py`)", "",
-             f"Machine: {data['machine'].get('cpu')} ({data['machine'].get('cores')} cores), torch "
-             f"{data['machine'].get('torch')}, onnxruntime {data['machine'].get('onnxruntime')}; {data['threads']} "
-             "thread(s). Latency: median ms per batch. Efficiency = speedup ÷ MAC reduction.", "",
-             "| model | macs | allocation | runtime | batch | original ms | compressed ms | speedup | MACs kept | "
+             f"Machine: {m.get('cpu')} ({m.get('cores')} cores), torch {m.get('torch')}, onnxruntime "
+             f"{m.get('onnxruntime')}; {data['threads']} thread(s). Latency: median ms per batch (original measured "
+             "once per model, runtime and batch; each compressed model right after). Efficiency = speedup ÷ MAC "
+             "reduction. Allocations: *mac-only* (cptv on the MAC budget), *speed-aware* (the same MAC budget, a "
+             "layer factorized only at ranks measured faster than dense: the default when measuring is cheap), "
+             "*latency* (`compress(latency=F)`: measured time at most F of the original's). SVD, output head dense, "
+             "no fine-tuning.", "",
+             "| model | F | allocation | runtime | batch | original ms | compressed ms | speedup | MACs kept | "
              "efficiency | accuracy before → after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        acc = "-" if r["accuracy_after"] is None else f"{100 * r['accuracy_before']:.1f}% → {100 * r['accuracy_after']:.1f}%"
-        lines.append(f"| {r['model']} | {r['macs_budget']} | {r['allocation']} | {r['runtime']} | {r['batch']} | "
-                     f"{r['original_ms']:.2f} | {r['compressed_ms']:.2f} | {r['speedup']:.2f}x | "
-                     f"{100 * r['macs_kept']:.0f}% | {r['efficiency']:.2f} | {acc} |")
-    slower = [r for r in data["rows"] if r["speedup"] < 1.0]
-    lines += ["", f"Compressed models slower than their original: {len(slower)} of {len(data['rows'])}"
+        head = f"| {r['model']} | {r['macs_budget']} | {r['allocation']} | {r['runtime']} | {r['batch']} | " \
+               f"{r['original_ms']:.2f} | "
+        if "infeasible" in r:
+            import re
+            got = re.search(r"smallest (?:reachable is|time fraction the measurements allow is) ([0-9.]+)", r["infeasible"])
+            lines.append(head + "infeasible" + (f" (smallest reachable {float(got.group(1)):.2f})" if got else "")
+                         + " | | | | |")
+            continue
+        acc = "-" if r["accuracy_after"] is None else \
+            f"{100 * r['accuracy_before']:.1f}% → {100 * r['accuracy_after']:.1f}%"
+        lines.append(head + f"{r['compressed_ms']:.2f} | {r['speedup']:.2f}x | {100 * r['macs_kept']:.0f}% | "
+                     f"{r['efficiency']:.2f} | {acc} |")
+    done = [r for r in data["rows"] if "infeasible" not in r]
+    slower = [r for r in done if r["speedup"] < 1.0]
+    lines += ["", f"Compressed models slower than their original: {len(slower)} of {len(done)}"
               + (": " + "; ".join(f"{r['model']} {r['macs_budget']} {r['allocation']} {r['runtime']} b{r['batch']} "
                                  f"({r['speedup']:.2f}x)" for r in slower) if slower else "") + "."]
-    target = [r for r in data["rows"] if r["model"] == "torchvision:resnet50" and r["macs_budget"] == 0.5
-              and r["batch"] == 32]
+    for kind in KINDS:
+        ks = [r for r in done if r["allocation"] == kind]
+        if ks:
+            effs = sorted(r["efficiency"] for r in ks)
+            lines.append(f"- {kind}: median efficiency {effs[len(effs) // 2]:.2f} over {len(ks)} rows, "
+                         f"{sum(r['speedup'] < 1.0 for r in ks)} slower than the original, "
+                         f"{sum(1 for r in data['rows'] if r['allocation'] == kind and 'infeasible' in r)} infeasible.")
+    target = [r for r in done if r["model"] == "torchvision:resnet50" and r["macs_budget"] == 0.5 and r["batch"] == 32]
     if target:
         lines += ["", "Target (issue 11): efficiency >= 0.8 for ResNet-50 at macs 0.5, batch 32: "
                   + "; ".join(f"{r['allocation']} {r['runtime']} {r['efficiency']:.2f}"
@@ -196,27 +205,26 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
                   + "; ".join(f"{r['model']} {r['macs_budget']} {r['runtime']} b{r['batch']}" for r in data["not_run"])
                   + "."]
     lines += ["", f"Load average at start / end: {data.get('load_average_at_start')} / "
-              f"{data.get('load_average_at_end')} (per row in the JSON); run alone on the machine."]
+              f"{data.get('load_average_at_end')} (per row in the JSON); {data.get('seconds', 0) / 60:.0f} minutes."]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 4))
-    labels, mac_only, aware = [], [], []
-    keys = sorted({(r["model"], r["macs_budget"], r["runtime"], r["batch"]) for r in data["rows"]})
-    for k in keys:
-        sel = {r["allocation"]: r["speedup"] for r in data["rows"]
-               if (r["model"], r["macs_budget"], r["runtime"], r["batch"]) == k}
-        labels.append(f"{k[0].split(':')[-1]} {k[1]} {k[2][:4]} b{k[3]}")
-        mac_only.append(sel.get("mac-only", 0.0))
-        aware.append(sel.get("speed-aware", 0.0))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], mac_only, 0.4, label="MAC-only")
-    ax.bar([x + 0.2 for x in xs], aware, 0.4, label="speed-aware")
+    keys = list(dict.fromkeys((r["model"], r["macs_budget"], r["runtime"], r["batch"]) for r in data["rows"]))
+    fig, ax = plt.subplots(figsize=(max(9, 0.45 * len(keys)), 4.5))
+    width = 0.8 / len(KINDS)
+    for i, kind in enumerate(KINDS):
+        vals = []
+        for k in keys:
+            got = [r for r in done if r["allocation"] == kind and (r["model"], r["macs_budget"], r["runtime"],
+                                                                      r["batch"]) == k]
+            vals.append(got[0]["speedup"] if got else 0.0)
+        ax.bar([x + (i - 1) * width for x in range(len(keys))], vals, width, label=kind)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), labels, rotation=70, fontsize=7)
-    ax.set_ylabel("measured speedup")
+    ax.set_xticks(range(len(keys)), [f"{k[0].split(':')[-1]} {k[1]} {k[2][:4]} b{k[3]}" for k in keys],
+                  rotation=70, fontsize=7)
+    ax.set_ylabel("measured speedup (0 = infeasible)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
@@ -236,7 +244,11 @@ def main() -> None:
     if args.smoke and args.out is None:
         raise SystemExit("--smoke needs --out (smoke timings are not figures: keep them out of benchmarks/results)")
     if args.docs:
-        docs(json.loads(out_path.read_text()))
+        data = json.loads(out_path.read_text())
+        if out_path == RESULTS:
+            docs(data)
+        else:  # the docs hold only the committed results; other JSON files get their tables beside them
+            docs(data, out_path.with_suffix(".md"), out_path.with_suffix(".png"))
         return
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.models:
