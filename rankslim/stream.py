@@ -551,6 +551,7 @@ def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], 
     ``stack: (N, 2, ...)``: compressed and original hidden states (see :class:`BlockCall`).  ``params`` is a
     fraction of the block's TARGET parameters, turned here into the stages' whole-module budget.
     """
+    from .decompose.svd import clear_svd_cache
     from .pipeline import allocate, build, calibrate, choose_allocator, cost_table, finalize, select
     layer_names = {n: full(n) for n, m in call.named_modules() if is_layer(m)}
     inc = [n for n, f in layer_names.items() if (not include or any(fnmatch.fnmatchcase(f, g) for g in include))
@@ -578,6 +579,14 @@ def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], 
     table = cost_table(sel, cal, quantities=budget.quantities, round_to=round_to, keep_head=False)
     allocation = allocate(sel, table, alloc, budget, ranks=local_ranks, calibration=cal, seed=seed, solver=solver)
     timings["allocate"] = time.perf_counter() - t0
+    if any(m.needs_data for m in sel.methods.values()):
+        # the SVD cache (rankslim.decompose.svd) now holds the whitened matrices of the allocation spectra,
+        # temporaries that never recur: up to 1 GiB for nothing while the block is built
+        clear_svd_cache()
+    if sequential:
+        # build recomputes every target's statistics on the compressed stream: the original-input ones (two
+        # float64 matrices per layer, ~0.9 GB for a TinyLlama-sized block) were only needed by the allocator
+        cal.original_stats.clear()
     t0 = time.perf_counter()
     built = build(sel, allocation, cal, seed=seed, solver=solver, inplace=True)
     timings["decompose"] = time.perf_counter() - t0
@@ -808,7 +817,7 @@ def compress_streamed(
     (blocks), :class:`DataError`, :class:`BudgetError`, :class:`OptionError` before any block is compressed.
     """
     from .data import calibration_batches
-    from .decompose.svd import SOLVERS
+    from .decompose.svd import SOLVERS, clear_svd_cache
     from .pipeline import choose_allocator, split_method_options
     from .methods import get_method
     say = _progress(progress)
@@ -921,6 +930,7 @@ def compress_streamed(
             after = sum(p.numel() for p in block.parameters())
             del state, result, call
             release(block)
+            clear_svd_cache()  # its entries are of this block's weights, which are gone
             params_before += before
             params_after += after
             summaries.append(BlockSummary(prefix[:-1], before, after, sum(r.params_before for r in block_rows),
