@@ -221,9 +221,21 @@ def run(args: argparse.Namespace) -> dict:
             "calibration": {"samples": args.samples, "tokens_per_sample": args.tokens, "tokens": int(ids.numel()),
                             **text},
             "runs": runs,
-            "command": "OMP_NUM_THREADS={t} python benchmarks/streamed.py{tiny} --threads {t} --samples {s} --tokens "
-                       "{n} --params {p} --runs {r}".format(t=args.threads, tiny=" --tiny" if args.tiny else "",
-                                                            s=args.samples, n=args.tokens, p=args.params, r=args.runs)}
+            "commands": {key: "OMP_NUM_THREADS={t} python benchmarks/streamed.py{tiny} --threads {t} --samples {s} "
+                              "--tokens {n} --params {p} --runs {r}".format(
+                                  t=args.threads, tiny=" --tiny" if args.tiny else "", s=args.samples, n=args.tokens,
+                                  p=args.params, r=key.replace(":all", "")) for key in runs}}
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """``new`` with the runs of ``old`` it did not redo, when both used the same model, checkpoint and calibration
+    (each run can then have a fresh process: its peak memory owes nothing to an earlier run)."""
+    same = old is not None and all(old.get(k) == new.get(k) for k in ("tiny", "config", "calibration", "parameters"))
+    if not same:
+        return new
+    runs = {**old.get("runs", {}), **new["runs"]}
+    commands = {**old.get("commands", {}), **new["commands"]}
+    return {**new, "runs": runs, "commands": commands}
 
 
 def _gib(n: float) -> str:
@@ -292,7 +304,9 @@ def write_docs(res: dict, doc: Path = DOC) -> str:
     loads = [x for r in runs.values() for x in (r["load_before"], r["load_after"])]
     lines += [
         "## Reproduce", "",
-        "```bash", res["command"] + "   # checkpoint under --workdir (default /tmp/rankslim-1b)", "```", "",
+        "Each run in its own process (the checkpoint, under `--workdir`, default `/tmp/rankslim-1b`, is written by "
+        "the first and reused; `--cleanup` removes it and the outputs afterwards):", "",
+        "```bash", *res["commands"].values(), "```", "",
         f"Environment: torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
         f"{env['cpus']} CPUs ({env['threads']} thread(s) used), {_gib(env['memory_total_bytes'])} RAM; 1-minute load "
         f"average {min(loads):.1f}–{max(loads):.1f} during the runs"
@@ -328,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         args.runs = args.runs or ("svd,zhang" if args.tiny else "svd,zhang:1")
         res = run(args)
+        res = merge(json.loads(results.read_text()) if results.is_file() else None, res)
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(res, indent=2) + "\n")
     write_docs(res, doc)

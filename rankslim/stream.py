@@ -20,7 +20,7 @@ model's (compressed blocks).  Data-aware methods take their targets ``y`` from t
 mode, their inputs ``x`` from the second, so a streamed run is the same computation as
 ``rankslim.compress(model, ...)`` on the whole model (GreBdec eq. 1 across blocks, not only inside one), with
 the same ranks whenever the rank rule is per layer (``ratio``, ``energy``, ``ranks``).  Budgets (``params``)
-are per block: a fraction of each block's target (Linear) parameters, met inside that block.
+are per block: a fraction of each block's target (Linear/Conv) parameters, met inside that block.
 
 Memory: one block (plus the calibrator's copy of it and its float64 statistics), the calibration hidden
 states (``2 x samples x tokens x hidden``, a few MB), and the largest module before or after the blocks.
@@ -583,6 +583,7 @@ def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], 
         # the SVD cache (rankslim.decompose.svd) now holds the whitened matrices of the allocation spectra,
         # temporaries that never recur: up to 1 GiB for nothing while the block is built
         clear_svd_cache()
+        give_back_memory()  # before build, whose generalised SVDs are the block's largest allocations
     if sequential:
         # build recomputes every target's statistics on the compressed stream: the original-input ones (two
         # float64 matrices per layer, ~0.9 GB for a TinyLlama-sized block) were only needed by the allocator
@@ -678,6 +679,27 @@ def rss_bytes() -> tuple[int, int]:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return peak, peak
+
+
+def give_back_memory() -> None:
+    """Free cyclic garbage and return freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Without it glibc's heap fragments and the resident memory creeps up block after block (measured on a 1B
+    Llama: +20 MB per block, and a higher peak); with it the resident memory after each block is flat."""
+    import gc
+    gc.collect()
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def reset_peak_rss() -> bool:
@@ -790,8 +812,8 @@ def compress_streamed(
     ``meta`` (:func:`params_on_meta`), so no weights are allocated.  ``checkpoint``: a ``.safetensors`` file, a
     directory of them (Hugging Face shards) or a list of files, keyed by the model's ``state_dict`` names.
     ``blocks``: path of the ``nn.ModuleList`` of repeated blocks (``"model.layers"``); ``None`` picks the
-    ModuleList with the most parameters.  Only the Linear layers inside the blocks are compressed; embeddings,
-    norms and everything outside the blocks (the LM head) are copied unchanged.
+    ModuleList with the most parameters.  Only the layers inside the blocks (Linear, Conv, GPT-2 ``Conv1D``) are
+    compressed; embeddings, norms and everything outside the blocks (the LM head) are copied unchanged.
 
     ``data``: calibration inputs of the whole model, as :func:`rankslim.compress` takes them: token ids
     ``(N, T)``, a dict with ``input_ids``, a list, Dataset or DataLoader (``calib_samples`` of them are drawn
@@ -800,7 +822,7 @@ def compress_streamed(
     to trace shapes and to measure each block's hidden-state error.
 
     How much, PER BLOCK (each block is compressed on its own, so one block never sees another's spectrum):
-    ``params`` = the fraction of each block's target (Linear) parameters kept, met by ``allocator`` (default
+    ``params`` = the fraction of each block's target (Linear/Conv) parameters kept, met by ``allocator`` (default
     CPTV) inside the block; or ``ratio`` / ``energy`` per layer; or ``ranks`` (an int, or ``{glob: rank}``
     over full layer names such as ``"model.layers.*.mlp.*"``).  ``include`` / ``exclude``: globs over full
     layer names.  ``method``, ``method_options``, ``allocator_options``, ``round_to``, ``min_params``,
@@ -828,7 +850,7 @@ def compress_streamed(
     if solver not in SOLVERS:
         raise OptionError(f"unknown SVD solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if params is not None and not 0.0 < float(params) <= 1.0:
-        raise BudgetError(f"params is a fraction in (0, 1] of each block's Linear parameters, got {params}")
+        raise BudgetError(f"params is a fraction in (0, 1] of each block's Linear/Conv parameters, got {params}")
     choose_allocator(Budget(params=params), ratio, energy, ranks, allocator, allocator_options)
     for name, opts in split_method_options(method, method_options).items():
         if name != method:
@@ -889,6 +911,7 @@ def compress_streamed(
         del pre_state
         for path in front.loaded:
             release(model.get_submodule(path) if path else model)
+        give_back_memory()
 
         comp = orig = front.hidden
         # parameters outside the blocks (each shared tensor once) are kept as they are
@@ -931,6 +954,7 @@ def compress_streamed(
             del state, result, call
             release(block)
             clear_svd_cache()  # its entries are of this block's weights, which are gone
+            give_back_memory()
             params_before += before
             params_after += after
             summaries.append(BlockSummary(prefix[:-1], before, after, sum(r.params_before for r in block_rows),
@@ -967,7 +991,7 @@ def compress_streamed(
             settings={"method": method, "params": params, "ratio": ratio, "energy": energy,
                       "ranks": ranks if not isinstance(ranks, Mapping) else dict(ranks), "allocator": allocator,
                       "sequential": sequential, "calib_samples": len(front.hidden), "seed": seed,
-                      "budget_scope": "per block: fraction of each block's target (Linear) parameters"},
+                      "budget_scope": "per block: fraction of each block's target (Linear/Conv) parameters"},
             notes=notes)
         old = _read_manifest(out, strict=False) if out_exists else None
         stale = sorted(f for f in (old or {}).get("files", []) if f not in files and (out / f).is_file())
@@ -1075,5 +1099,6 @@ def load_streamed(path: str | os.PathLike, build_model: Callable[[], nn.Module],
 
 
 __all__ = ["BlockCall", "BlockSummary", "Checkpoint", "StreamedResult", "compress_streamed", "empty_model",
-           "find_blocks", "is_layer", "load_streamed", "materialize", "model_builder", "params_on_meta", "release", "reset_peak_rss",
+           "find_blocks", "give_back_memory", "is_layer", "load_streamed", "materialize", "model_builder",
+           "params_on_meta", "release", "reset_peak_rss",
            "resident_params", "rss_bytes"]
