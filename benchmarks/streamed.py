@@ -285,16 +285,27 @@ def write_docs(res: dict, doc: Path = DOC) -> str:
         lines += [
             "## Why the data-aware run covers one block", "",
             f"`zhang` took **{per:.0f} s per block** here, so the 22-block run would take about "
-            f"**{22 * per / 60:.0f} min** on this shared 2-core machine: too long to run in this session. Its cost "
+            f"**{22 * per / 60:.0f} min** on one thread of this shared 2-core machine (two threads were slower under the "
+            "other jobs' load: `eigh` of a 2048 x 2048 matrix took 31 s instead of 2.5 s), too long to run here. "
+            "Its cost "
             "is dense float64 linear algebra on each layer's `k × k` input statistics (`eigh` of the 5632-wide MLP "
             "input, SVDs of the whitened weights), independent of the number of calibration tokens, so a smaller "
             "calibration set does not make it fit; every block costs the same and the resident memory is flat from "
             "block to block (see the `svd` run below), so one block measures both the per-block time and the peak. "
             "Run all 22 blocks with `--runs zhang`.", "",
-            f"Its peak (**{_gib(r['peak_rss_bytes'])}**, against {_gib(res['checkpoint_disk_bytes'])} for the model) is "
-            "set by that float64 working set of the widest layer (the 5632x5632 input Gram matrix is 254 MB; the "
-            "generalised SVD holds several matrices of that size), not by the model's size: a deeper model of "
-            "the same width peaks at the same figure.", ""]
+            f"Its peak, **{_gib(r['peak_rss_bytes'])}** ({100 * r['peak_rss_bytes'] / res['checkpoint_disk_bytes']:.0f}% "
+            f"of the {_gib(res['checkpoint_disk_bytes'])} model), is not set by the model's size and is not "
+            "*well* under it at this width. About 1.1 GiB is the process (Python, torch, transformers: "
+            f"{_gib(r['rss_at_start_bytes'])} at the start), one block, the calibrator's copy of it and the hidden "
+            "states; the rest (~2.2 GiB, measured stage by stage: allocation spectra up to 3.2 GiB, the layers' "
+            "decompositions up to 3.7 GiB) is the float64 working set of the widest layer's data-aware solve. "
+            "With a 5632-wide MLP input every `k × k` float64 matrix is 254 MB: `linalg.psd_sqrt_inv_sqrt` holds "
+            "about five at once (eigenvectors, both square roots and their temporaries) and `zhang_lowrank` builds "
+            "its quadratic terms twice (the first set is still alive while the second is built). The streaming "
+            "itself adds nothing per block (statistics for the allocator are computed one layer at a time, the SVD "
+            "cache's temporaries are dropped, freed heap is returned after each block: the `svd` run below peaks "
+            "at its figure above with flat resident memory). A deeper model of the same width peaks at the same "
+            "figure, so the ratio falls with depth.", ""]
     for r in full:
         lines += [f"## `{r['method']}`, all {r['blocks']} blocks: resident memory after each block", "",
                   "| block | seconds | hidden-state error | RSS after it |", "|---|---|---|---|"]

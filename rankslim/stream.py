@@ -540,6 +540,39 @@ def _block_ranks(ranks: Any, names: Mapping[str, str]) -> Any:
     return out
 
 
+class _OnDemandStats(dict):
+    """The original-input statistics of the data-aware targets, computed when read and not kept.
+
+    ``pipeline.calibrate(data_spectra=True)`` computes and holds every target's statistics of the block at once
+    (two float64 matrices per layer: ~0.9 GB for a TinyLlama-sized block) for the allocator, which reads one
+    layer's at a time (``cost_table``, in forward order); computed on demand only one layer's are resident.
+    The values are the same: ``stats_for(target, sequential=False)`` on the calibrator's original.
+    """
+
+    def __init__(self, calibrator: Any, targets: Mapping[str, tuple[Any, bool]]) -> None:
+        super().__init__()
+        self.calibrator, self.targets = calibrator, dict(targets)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.targets
+
+    def __getitem__(self, name: str) -> Any:
+        target, raw = self.targets[name]
+        return self.calibrator.stats_for(target, None, raw=raw, sequential=False)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[name] if name in self.targets else default
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.targets)
+
+
 def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], str], *, method: str,
                     params: float | None, ratio: float | None, energy: float | None, ranks: Any,
                     allocator: str | None, allocator_options: Mapping[str, Any] | None,
@@ -571,7 +604,11 @@ def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], 
     # allocation spectra are needed unless every rank is fixed per layer (ratio, explicit ranks)
     spectra = alloc is not None and alloc.name != "ratio"
     cal = calibrate(sel, stack, calib_samples=len(stack), sequential=sequential, seed=seed,
-                    want_batches=alloc is not None and alloc.needs_context, data_spectra=spectra)
+                    want_batches=alloc is not None and alloc.needs_context, data_spectra=False)
+    if spectra and cal.calibrator is not None:
+        aware = {t.name: (t, sel.methods[t.name].needs_raw and not sequential) for t in sel.targets
+                 if sel.methods[t.name].needs_data}
+        cal.original_stats = _OnDemandStats(cal.calibrator, aware)
     if sequential:
         call.stream.fill_(0)  # the work model now reads the compressed stream; the calibrator's original does not
     timings = {"calibrate": time.perf_counter() - t0}
@@ -585,9 +622,9 @@ def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], 
         clear_svd_cache()
         give_back_memory()  # before build, whose generalised SVDs are the block's largest allocations
     if sequential:
-        # build recomputes every target's statistics on the compressed stream: the original-input ones (two
-        # float64 matrices per layer, ~0.9 GB for a TinyLlama-sized block) were only needed by the allocator
-        cal.original_stats.clear()
+        # build recomputes every target's statistics on the compressed stream: the original-input ones were
+        # only needed by the allocator
+        cal.original_stats = {}
     t0 = time.perf_counter()
     built = build(sel, allocation, cal, seed=seed, solver=solver, inplace=True)
     timings["decompose"] = time.perf_counter() - t0

@@ -82,13 +82,15 @@ def test_original_stream_carries_the_targets(llama, tmp_path, monkeypatch):
     assert float(diff) > 1e-3
 
 
-def test_params_budget_is_per_block(llama, tmp_path):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_params_budget_is_per_block(llama, tmp_path, sequential):
     model, ckpt, ids = llama
-    res = rankslim.compress_streamed(build, ckpt, tmp_path / "out", data=ids, method="zhang", params=0.5)
+    res = rankslim.compress_streamed(build, ckpt, tmp_path / "out", data=ids, method="zhang", params=0.5,
+                                     sequential=sequential)
     for b in res.blocks:
         assert 0.4 < b.target_params_after / b.target_params_before <= 0.5
     # the same ranks in memory give the same model: the per-block allocation is the only difference
-    ref = rankslim.compress(model, "zhang", ranks=plan_ranks(res.plan), data=ids)
+    ref = rankslim.compress(model, "zhang", ranks=plan_ranks(res.plan), data=ids, sequential=sequential)
     got, want = logits(rankslim.load_streamed(tmp_path / "out", build), ids), logits(ref.model, ids)
     assert torch.allclose(got, want, rtol=0, atol=ATOL)
     assert res.params_after < res.params_before
