@@ -96,17 +96,36 @@ def range_finder(M: torch.Tensor, size: int, passes: int = 1, generator: torch.G
     return torch.linalg.qr(Y)[0]
 
 
+def _psd_eigh(A: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    evals, Q = torch.linalg.eigh(A.to(torch.float64))
+    return evals.clamp_min(damping * max(float(evals[-1]), 1e-300)), Q
+
+
+def psd_sqrt(A: torch.Tensor, damping: float = 1e-12) -> torch.Tensor:
+    """``A^{1/2}`` of a symmetric PSD ``A: (k, k)`` via ``eigh``, ``(k, k)`` float64 (damping as in
+    :func:`psd_sqrt_inv_sqrt`). Holds one ``k × k`` result instead of two."""
+    ev, Q = _psd_eigh(A, damping)
+    return (Q * ev.sqrt()) @ Q.T
+
+
+def psd_inv_sqrt(A: torch.Tensor, damping: float = 1e-12) -> torch.Tensor:
+    """``A^{-1/2}`` of a symmetric PSD ``A: (k, k)`` via ``eigh``, ``(k, k)`` float64 (damping as in
+    :func:`psd_sqrt_inv_sqrt`). Holds one ``k × k`` result instead of two."""
+    ev, Q = _psd_eigh(A, damping)
+    return (Q * ev.rsqrt()) @ Q.T
+
+
 def psd_sqrt_inv_sqrt(A: torch.Tensor, damping: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     """``A^{1/2}`` and ``A^{-1/2}`` of a symmetric PSD ``A: (k, k)`` via ``eigh``; both ``(k, k)`` float64.
 
     ``damping`` is explicit: eigenvalues below ``damping · λ_max`` are raised to that floor, so a
-    singular ``A`` (dead inputs, zero padding) gives a finite pseudo-inverse square root.
+    singular ``A`` (dead inputs, zero padding) gives a finite pseudo-inverse square root.  Callers that need
+    only one of the two use :func:`psd_sqrt` / :func:`psd_inv_sqrt` (a 5632-wide ``A`` makes each 254 MB).
     """
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    evals, Q = torch.linalg.eigh(A.to(torch.float64))
-    ev = evals.clamp_min(damping * max(float(evals[-1]), 1e-300))
+    ev, Q = _psd_eigh(A, damping)
     return (Q * ev.sqrt()) @ Q.T, (Q * ev.rsqrt()) @ Q.T
 
 
-__all__ = ["REL_ZERO", "gram_svd", "svt", "range_finder", "psd_sqrt_inv_sqrt"]
+__all__ = ["REL_ZERO", "gram_svd", "svt", "range_finder", "psd_sqrt", "psd_inv_sqrt", "psd_sqrt_inv_sqrt"]

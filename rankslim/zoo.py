@@ -187,7 +187,7 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (N, in_channels, 28, 28) -> logits (N, num_classes)."""
         z = self.patch(x).flatten(2).transpose(1, 2)                 # (N, 16, dim)
-        z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1) + self.pos
+        z = torch.cat([self.cls.expand(z.shape[0], -1, -1), z], 1) + self.pos  # shape[0], not len(): ONNX keeps the batch dynamic
         z = self.norm(self.blocks(z))
         return self.head(z[:, 0])
 

@@ -151,3 +151,20 @@ def test_cli_export_writes_checked_files_and_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "r.onnx").read_bytes() == before
     missing = runner.invoke(app, ["export", str(tmp_path / "nope.rankslim"), "--onnx", str(tmp_path / "n.onnx")])
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_zoo_vit_exports_with_a_dynamic_batch(tmp_path):
+    # the class token used to be expanded by len(z): traced as a constant, the file failed at any other batch
+    from rankslim.zoo import resolve_model
+
+    model = resolve_model("zoo:vit").model
+    path = tmp_path / "vit.onnx"
+    export_onnx(model, (1, 28, 28), path, check=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for b in (1, 5):
+        x = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = sess.run(None, {name: x.numpy()})[0]
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

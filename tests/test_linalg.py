@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankslim.linalg import gram_svd, psd_sqrt_inv_sqrt, range_finder, svt
+from rankslim.linalg import gram_svd, psd_inv_sqrt, psd_sqrt, psd_sqrt_inv_sqrt, range_finder, svt
 
 F64 = torch.float64
 
@@ -140,3 +140,13 @@ def test_psd_sqrt_inv_sqrt_damps_singular_matrices():
     torch.testing.assert_close(root @ root, A.double(), rtol=0, atol=1e-4 * lam_max)
     with pytest.raises(ValueError):
         psd_sqrt_inv_sqrt(A, damping=-1.0)
+
+
+def test_single_root_helpers_equal_the_pair():
+    B = _low_rank(7, 7, 4, seed=3)
+    A = B @ B.T
+    root, iroot = psd_sqrt_inv_sqrt(A, damping=1e-8)
+    assert torch.equal(psd_sqrt(A, damping=1e-8), root)
+    assert torch.equal(psd_inv_sqrt(A, damping=1e-8), iroot)
+    with pytest.raises(ValueError):
+        psd_inv_sqrt(A, damping=-1.0)

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import RankError
 # re-exported under its historical name: methods.base imports it from here
+from ..linalg import psd_inv_sqrt
 from ..linalg import psd_sqrt_inv_sqrt as sqrt_and_inv_sqrt
 from .prune import DataTerms
 
@@ -42,7 +43,7 @@ def truncated_gsvd(B: torch.Tensor, A: torch.Tensor, rank: int, A_isqrt: torch.T
     if not 1 <= rank <= min(m, k):
         raise RankError(f"rank {rank} is impossible for a {m}x{k} matrix: use 1..{min(m, k)}")
     if A_isqrt is None:
-        A_isqrt = sqrt_and_inv_sqrt(A)[1]
+        A_isqrt = psd_inv_sqrt(A)
     Z = B.to(torch.float64) @ A_isqrt
     Uz, s, Vh = torch.linalg.svd(Z, full_matrices=False)
     root = s[:rank].sqrt()
@@ -76,7 +77,9 @@ def zhang_lowrank(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, r
         raise RankError(f"damping must be >= 0, got {damping}")
     terms = DataTerms.build(W, XX, YX, n, None, yy, lam=None, generator=generator)
     if damping > 0:
-        terms = DataTerms.build(W, XX, YX, n, None, yy, lam=damping * terms.smax, generator=generator)
+        smax = terms.smax
+        del terms  # its k x k float64 terms would stay alive while the damped ones are built
+        terms = DataTerms.build(W, XX, YX, n, None, yy, lam=damping * smax, generator=generator)
     f = truncated_gsvd(terms.N, terms.A, rank)
     L = f.U @ f.V
     obj = terms.objective(L)

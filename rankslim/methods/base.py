@@ -119,9 +119,9 @@ class Method:
         if not self.needs_data or stats is None:
             return self.spectrum(target)
         from ..decompose.svd import singular_values
-        from ..decompose.zhang import sqrt_and_inv_sqrt
+        from ..linalg import psd_sqrt
         C = stats.XX / max(int(stats.n), 1)
-        root, _ = sqrt_and_inv_sqrt(C, 1e-10)
+        root = psd_sqrt(C, 1e-10)
         W = target.matrix.to(torch.float64)
         return singular_values(W @ root.to(W))
 
