@@ -167,7 +167,9 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
              "reduction. Allocations: *mac-only* (cptv on the MAC budget), *speed-aware* (the same MAC budget, a "
              "layer factorized only at ranks measured faster than dense: the default when measuring is cheap), "
              "*latency* (`compress(latency=F)`: measured time at most F of the original's). SVD, output head dense, "
-             "no fine-tuning.", "",
+             "no fine-tuning, no BatchNorm re-estimation and the stem conv compressed: the accuracies are those of "
+             "raw data-free SVD at these budgets (the README's main job keeps the stem, re-estimates BN and "
+             "fine-tunes), shown to compare allocations, not as usable models.", "",
              "| model | F | allocation | runtime | batch | original ms | compressed ms | speedup | MACs kept | "
              "efficiency | accuracy before → after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -201,7 +203,7 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
                   + "; ".join(f"{r['allocation']} {r['runtime']} {r['efficiency']:.2f}"
                               f" ({'met' if r['efficiency'] >= 0.8 else 'not met'})" for r in target) + "."]
     if data.get("not_run"):
-        lines += ["", "Not measured (the run's time limit, `--max-minutes`, was reached first): "
+        lines += ["", "Not measured (out of the run's time: `--max-minutes` reached, or stopped by hand; see `invocations` in the JSON): "
                   + "; ".join(f"{r['model']} {r['macs_budget']} {r['runtime']} b{r['batch']}" for r in data["not_run"])
                   + "."]
     lines += ["", f"Load average at start / end: {data.get('load_average_at_start')} / "
