@@ -1,11 +1,12 @@
 """The ``rankslim`` command line: a thin shell over :func:`rankslim.compress` and friends."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -91,6 +92,20 @@ def _fail(exc: Exception) -> None:
     # Text, not markup: a message holding [brackets] (lists, globs) must print as written
     err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Every command's body: a user error is one line and exit 2 (:func:`_fail`), anything else a bug (exit 1,
+    :func:`_internal`); typer's own control flow passes through."""
+    try:
+        yield
+    except RankslimError as exc:
+        _fail(exc)
+    except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow, not bugs
+        raise
+    except Exception as exc:
+        _internal(exc)
 
 
 def _internal(exc: Exception) -> None:
@@ -248,7 +263,7 @@ def compress(
     from .data import evaluate_accuracy, load_dataset
     from .zoo import resolve_model
 
-    try:
+    with cli_errors():
         speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds)
         latency_fraction = _latency_budget(latency_budget)
         if model is None:
@@ -356,12 +371,6 @@ def compress(
         if written.stale:
             console.print(f"[yellow]note:[/] {', '.join(written.stale)} in {out} are from an earlier run "
                           "(rankslim deletes nothing)")
-    except RankslimError as exc:
-        _fail(exc)
-    except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow, not bugs
-        raise
-    except Exception as exc:
-        _internal(exc)
 
 
 def _write_outputs(result, out: Path, io, onnx_shape: Optional[tuple[int, ...]] = None, force: bool = False):
@@ -393,7 +402,7 @@ def inspect(
     from .inspect import inspect_model, plot_energy
     from .zoo import resolve_model
 
-    try:
+    with cli_errors():
         model = model or DEFAULT_MODEL
         out = out if out is not None else default_output_dir(model, "inspect", {}, root=DEFAULT_ROOT)
         check_output_dir(out, ["energy.png"], force)
@@ -412,12 +421,6 @@ def inspect(
             console.print(f"[yellow]not compressible[/] {s.name} ({s.type}): {s.reason}")
         write_outputs(out, {"energy.png": lambda tmp: plot_energy(info, tmp)}, force=force)
         console.print(f"[green]wrote[/] {out / 'energy.png'}")
-    except RankslimError as exc:
-        _fail(exc)
-    except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow, not bugs
-        raise
-    except Exception as exc:
-        _internal(exc)
 
 
 @app.command()

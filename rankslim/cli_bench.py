@@ -8,32 +8,16 @@ with ``--force``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
 from .errors import RankslimError
 
 console = Console() if sys.stdout.isatty() else Console(width=180)
-err_console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
-    raise typer.Exit(code=2)
-
-
-def _internal(exc: Exception) -> None:
-    if os.environ.get("RANKSLIM_DEBUG"):
-        raise exc
-    err_console.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc} — this is a bug "
-                                    "in rankslim; please report it (rerun with RANKSLIM_DEBUG=1 for the traceback)"))
-    raise typer.Exit(code=1)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -72,10 +56,10 @@ def bench_cmd(
     """Measure CPU latency and peak memory of MODEL (and of its --compressed version): speedup and efficiency."""
     from . import io
     from .bench import compare
-    from .cli import _require_shape, _shape
+    from .cli import _require_shape, _shape, cli_errors
     from .outputs import check_output_dir, write_outputs
     from .zoo import resolve_model
-    try:
+    with cli_errors():
         batches, rts = _ints(batch, "--batch"), _runtimes(runtime)
         if threads < 1 or repeats < 1 or warmup < 0:
             raise RankslimError("--threads and --repeats must be >= 1, --warmup >= 0")
@@ -96,12 +80,6 @@ def bench_cmd(
             write_outputs(out, {"bench.json": lambda tmp: tmp.write_text(json.dumps(res.to_dict(), indent=2)),
                                 "bench.md": lambda tmp: tmp.write_text(md, encoding="utf-8")}, force=force)
             console.print(f"[green]wrote[/] {out}/bench.json, bench.md")
-    except RankslimError as exc:
-        _fail(exc)
-    except (typer.Exit, typer.Abort, typer.TyperException):
-        raise
-    except Exception as exc:
-        _internal(exc)
 
 
 def export_cmd(
@@ -116,9 +94,9 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="replace existing ONNX files"),
 ) -> None:
     """Export a compressed model to ONNX, check it in onnxruntime (max |diff| printed), optionally int8-quantize."""
-    from .cli import _shape
+    from .cli import _shape, cli_errors
     from .export import export_file
-    try:
+    with cli_errors():
         targets = [onnx] + ([onnx.with_name(onnx.stem + ".int8.onnx")] if int8 else [])
         existing = [str(t) for t in targets if t.exists()]
         if existing and not force:
@@ -137,12 +115,6 @@ def export_cmd(
         for name, lat in (res.latency or {}).items():
             console.print(f"onnxruntime {name}: {lat['median_ms']:.3f} ms per batch of {lat['batch']} "
                           f"(IQR {lat['iqr_ms']:.3f}, {lat['threads']} thread(s))")
-    except RankslimError as exc:
-        _fail(exc)
-    except (typer.Exit, typer.Abort, typer.TyperException):
-        raise
-    except Exception as exc:
-        _internal(exc)
 
 
 def register(app: typer.Typer) -> None:

@@ -46,11 +46,11 @@ def compress_streamed_cmd(
                                                help="allocator option key=value, repeatable"),
 ) -> None:
     """Compress a model bigger than memory one block at a time from its safetensors CHECKPOINT (budgets per block)."""
-    from .cli import _fail, _internal, _options, _ranks, console
+    from .cli import _options, _ranks, cli_errors, console
     from .inputs import load_user_object
     from .stream import compress_streamed, model_builder
 
-    try:
+    with cli_errors():
         if model is None:
             beside = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
             if not beside.is_file():
@@ -77,12 +77,6 @@ def compress_streamed_cmd(
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"[green]wrote[/] {result.out} (load it with rankslim.stream.load_streamed)")
-    except RankslimError as exc:
-        _fail(exc)
-    except (typer.Exit, typer.Abort, typer.TyperException):
-        raise
-    except Exception as exc:
-        _internal(exc)
 
 
 def register(app: typer.Typer) -> None:
