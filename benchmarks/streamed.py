@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         runs[key] = stream_one(cfg, ckpt_dir, out_dir, ids, method, args.params, blocks, args.tiny)
         if args.cleanup:
             shutil.rmtree(out_dir)  # the streamed output this run wrote
+    ckpt_bytes = _du(files)  # before --cleanup deletes the files
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "threads": args.threads, "cpus": os.cpu_count(), "machine": platform.machine(),
            "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
             except OSError:
                 pass
     return {"env": env, "tiny": bool(args.tiny), "config": cfg.to_diff_dict() | {k: getattr(cfg, k) for k in FULL},
-            "parameters": n_params, "checkpoint_files": len(files), "checkpoint_disk_bytes": _du(files),
+            "parameters": n_params, "checkpoint_files": len(files), "checkpoint_disk_bytes": ckpt_bytes,
             "checkpoint_write_seconds": write_s,
             "calibration": {"samples": args.samples, "tokens_per_sample": args.tokens, "tokens": int(ids.numel()),
                             **text},
@@ -299,9 +300,13 @@ def write_docs(res: dict, doc: Path = DOC) -> str:
             f"{_gib(r['rss_at_start_bytes'])} at the start), one block, the calibrator's copy of it and the hidden "
             "states; the rest (~2.2 GiB, measured stage by stage: allocation spectra up to 3.2 GiB, the layers' "
             "decompositions up to 3.7 GiB) is the float64 working set of the widest layer's data-aware solve. "
-            "With a 5632-wide MLP input every `k × k` float64 matrix is 254 MB: `linalg.psd_sqrt_inv_sqrt` holds "
-            "about five at once (eigenvectors, both square roots and their temporaries) and `zhang_lowrank` builds "
-            "its quadratic terms twice (the first set is still alive while the second is built). The streaming "
+            "With a 5632-wide MLP input every `k × k` float64 matrix is 254 MB. "
+            + (f"Two fixes took the peak from {_gib(r['previous_peak_rss_bytes_before_memory_fixes'])} to the figure "
+               "above with the same result (hidden-state error unchanged): `linalg.psd_sqrt` / `psd_inv_sqrt` hold "
+               "one root where `psd_sqrt_inv_sqrt` held both, and `zhang_lowrank` frees its undamped quadratic "
+               "terms before building the damped ones (the stage-by-stage figures above predate them). "
+               if r.get("previous_peak_rss_bytes_before_memory_fixes") else "")
+            + "The streaming "
             "itself adds nothing per block (statistics for the allocator are computed one layer at a time, the SVD "
             "cache's temporaries are dropped, freed heap is returned after each block: the `svd` run below peaks "
             "at its figure above with flat resident memory). A deeper model of the same width peaks at the same "
