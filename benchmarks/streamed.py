@@ -54,7 +54,8 @@ TINY = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_atte
 
 sys.path.insert(0, str(ROOT))
 import rankslim  # noqa: E402
-from rankslim.stream import empty_model, find_blocks, reset_peak_rss, rss_bytes  # noqa: E402
+from rankslim.bench import reset_peak_rss, rss_bytes  # noqa: E402
+from rankslim.stream import empty_model, find_blocks  # noqa: E402
 
 
 def _text_helpers():

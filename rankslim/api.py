@@ -96,7 +96,7 @@ def compress(
 
     * ``"auto"`` (default): on only for a ``macs`` budget (not params-only, ``ratio``, ``energy``, ``ranks`` or
       ``max_drop``) on float32 CPU layers, and only when measuring is cheap — every timing already cached, or an
-      estimate (each layer form's MACs × batch × calls at a conservative 1 GMAC/s plus a fixed cost per form,
+      estimate (each layer form's MACs × batch × calls at a conservative 4 GMAC/s plus a fixed cost per form,
       :func:`rankslim.speed_mode.estimate_measuring`) of at most 20 s.  If the speed-aware allocation cannot meet
       the budget it falls back to the MAC-only one.  ``$RANKSLIM_SPEED_AWARE=on|off`` overrides auto.
     * ``True`` (or options ``{"batch": 32, "threads": 4, "runtime": "onnxruntime", "margin": 0.05,

@@ -76,28 +76,56 @@ def _proc_kb(field_name: str) -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
+def rss_bytes() -> tuple[int, int]:
+    """``(current, peak)`` resident set size of this process in bytes (``/proc/self/status``: VmRSS, VmHWM;
+    elsewhere the peak from ``getrusage`` for both)."""
+    cur, peak = _proc_kb("VmRSS"), _proc_kb("VmHWM")
+    if cur is not None and peak is not None:
+        return cur * 1024, peak * 1024
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return peak, peak
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux: write 5 to ``/proc/self/clear_refs``, VmHWM becomes the
+    current RSS, Linux >= 4.0); True when it worked, so a reported peak belongs to what follows."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            f.write("5")
         return True
     except OSError:
         return False
 
 
-def _trim_heap() -> None:
-    try:
+_MALLOC_TRIM: Any = None
+
+
+def give_back_memory() -> None:
+    """Free cyclic garbage and return freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere),
+    so the memory a pass needs shows in its RSS.
+
+    Without it glibc's heap fragments and the resident memory creeps up block after block in streamed
+    compression (measured on a 1B Llama: +20 MB per block, and a higher peak); with it it stays flat."""
+    import gc
+    gc.collect()
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
         import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand freed heap back, so a pass's needs show in its RSS
-    except (OSError, AttributeError):
-        pass
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def peak_rss_growth(fn) -> tuple[Any, int | None]:
     """Run ``fn()`` and return ``(its result, peak resident-set growth in bytes during the call)`` (``None``
     when the platform cannot reset the peak).  Freed heap memory is returned to the OS first (glibc)."""
-    _trim_heap()
-    ok = _reset_peak()
+    give_back_memory()
+    ok = reset_peak_rss()
     before = _proc_kb("VmRSS")
     out = fn()
     peak = _proc_kb("VmHWM")
@@ -432,6 +460,6 @@ def add_latency(report, original: nn.Module, compressed: nn.Module, input_shape:
     return d
 
 
-__all__ = ["BenchResult", "Latency", "RUNTIMES", "add_latency", "compare", "efficiency", "latency_markdown",
-           "layer_macs", "machine_info", "make_example", "measure_latency", "measure_onnx", "model_bytes",
-           "peak_rss_growth", "torch_threads", "total_macs"]
+__all__ = ["BenchResult", "Latency", "RUNTIMES", "add_latency", "compare", "efficiency", "give_back_memory",
+           "latency_markdown", "layer_macs", "machine_info", "make_example", "measure_latency", "measure_onnx",
+           "model_bytes", "peak_rss_growth", "reset_peak_rss", "rss_bytes", "torch_threads", "total_macs"]

@@ -44,7 +44,6 @@ import fnmatch
 import json
 import os
 import re
-import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,8 +54,10 @@ import torch
 from torch import nn
 
 from .allocate import Budget
+from .bench import give_back_memory, reset_peak_rss, rss_bytes
 from .errors import BudgetError, CheckpointError, DataError, OptionError, RankslimError
 from .plan import PLAN_METADATA_KEY, LayerPlan, Plan, apply_plan, attach_plan, check_plan
+from .outputs import _tmp_name
 from .report import LayerRow
 
 #: ``format`` of the manifest of a streamed output directory
@@ -635,13 +636,6 @@ def _compress_block(call: BlockCall, stack: torch.Tensor, full: Callable[[str], 
 # -------------------------------------------------------------------------------------------- the output
 
 
-def _tmp(directory: Path, name: str) -> Path:
-    while True:
-        p = directory / f".{name}.{secrets.token_hex(4)}.tmp"
-        if not os.path.lexists(p):
-            return p
-
-
 def _check_out(out: Path, ours: Iterable[str] = ()) -> None:
     """Refuse, before any work, an output path that is a file or a non-empty directory rankslim did not
     write a streamed output into (``ours``: this run's temporary files, which do not count)."""
@@ -699,55 +693,6 @@ def _read_manifest(out: Path, strict: bool = True) -> dict | None:
     if d["version"] > STREAMED_VERSION and strict:
         raise CheckpointError(f"{p} has version {d['version']}, newer than this rankslim reads ({STREAMED_VERSION})")
     return d
-
-
-# --------------------------------------------------------------------------------------------- memory
-
-
-def rss_bytes() -> tuple[int, int]:
-    """``(current, peak)`` resident set size of this process in bytes (``/proc/self/status``: VmRSS, VmHWM;
-    elsewhere the peak from ``getrusage`` for both)."""
-    try:
-        text = Path("/proc/self/status").read_text()
-        cur = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024  # type: ignore[union-attr]
-        peak = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) * 1024  # type: ignore[union-attr]
-        return cur, peak
-    except (OSError, AttributeError):
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return peak, peak
-
-
-def give_back_memory() -> None:
-    """Free cyclic garbage and return freed heap pages to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    Without it glibc's heap fragments and the resident memory creeps up block after block (measured on a 1B
-    Llama: +20 MB per block, and a higher peak); with it the resident memory after each block is flat."""
-    import gc
-    gc.collect()
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS counter (Linux: write 5 to ``/proc/self/clear_refs``); True when it worked.
-
-    Benchmarks call it so the peak they report belongs to what follows, not to earlier work in the process."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -942,7 +887,7 @@ def compress_streamed(
         state = model.state_dict()
         pre_state = {k: state[k].detach().clone() for k in pre_keys}
         del state
-        tmps[PRE] = _tmp(out, PRE)
+        tmps[PRE] = _tmp_name(out, PRE)
         _save_shard(tmps[PRE], pre_state, Plan([]))
         written += sum(t.numel() * t.element_size() for t in pre_state.values())
         del pre_state
@@ -983,7 +928,7 @@ def compress_streamed(
             rows += block_rows
             state, extra = _block_state(block, prefix)
             name = f"block-{i:05d}.safetensors"
-            tmps[name] = _tmp(out, name)
+            tmps[name] = _tmp_name(out, name)
             block_plan = Plan(plans[len(plans) - len(result.plan.layers):])
             _save_shard(tmps[name], state, block_plan, extra)
             written += sum(t.numel() * t.element_size() for t in state.values())
@@ -1013,7 +958,7 @@ def compress_streamed(
             src = source.names[k]
             post_state[k] = (got[src].to(skeleton_state[k].dtype) if src else skeleton_state[k].detach().clone())
         del got, skeleton_state
-        tmps[POST] = _tmp(out, POST)
+        tmps[POST] = _tmp_name(out, POST)
         _save_shard(tmps[POST], post_state, Plan([]))
         written += sum(t.numel() * t.element_size() for t in post_state.values())
         del post_state
@@ -1037,7 +982,7 @@ def compress_streamed(
                                 f"{', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}")
         manifest = {"format": STREAMED_FORMAT, "version": STREAMED_VERSION, "blocks": blocks_path, "files": files,
                     "report": {k: v for k, v in result.to_dict().items() if k != "plan"}}
-        tmps[MANIFEST] = _tmp(out, MANIFEST)
+        tmps[MANIFEST] = _tmp_name(out, MANIFEST)
         tmps[MANIFEST].write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
         _check_out(out, [t.name for t in tmps.values()])  # again: something may have appeared while the blocks ran
         for name in [*files, MANIFEST]:  # the manifest last: it names a complete set of files
@@ -1136,6 +1081,5 @@ def load_streamed(path: str | os.PathLike, build_model: Callable[[], nn.Module],
 
 
 __all__ = ["BlockCall", "BlockSummary", "Checkpoint", "StreamedResult", "compress_streamed", "empty_model",
-           "find_blocks", "give_back_memory", "is_layer", "load_streamed", "materialize", "model_builder",
-           "params_on_meta", "release", "reset_peak_rss",
-           "resident_params", "rss_bytes"]
+           "find_blocks", "is_layer", "load_streamed", "materialize", "model_builder", "params_on_meta", "release",
+           "resident_params"]
