@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .allocate import Budget
@@ -103,6 +104,13 @@ def compress(
       "samples": 8}``): always measure; an infeasible budget raises :class:`BudgetError`.
     * ``False``: MAC-only.
     * ``{"mode": "auto", "max_seconds": 60, "batch": 32, ...}``: auto with another threshold / measuring options.
+
+    Whole-model check (speed-aware only; ``{"check": False}`` skips it): the built model is timed against the
+    original on the same runtime / batch / threads (:mod:`rankslim.whole_model`).  When it is not faster, the
+    margin is raised (15%, 30%, 50%: the layers with the smallest gains stay dense) and the model allocated and
+    built again; the fastest model meeting the budget is kept.  If none is faster, ``speed_aware=True`` raises
+    :class:`BudgetError` and auto keeps the budget-meeting model with a warning note.  With ``inplace=True`` the
+    model is only timed and reported (no retries).  ``report.metrics["whole_model"]`` holds the timings.
 
     ``report.metrics["allocation_mode"]`` always says which was used: ``{"mode": "speed-aware", "runtime",
     "batch", "threads", ...}`` or ``{"mode": "mac-only", "reason": ...}`` (also a line of the report and of the
@@ -260,8 +268,15 @@ def compress(
     timings["allocate"] = time.perf_counter() - t0 - timings.get("speed_measure", 0.0)
 
     t0 = time.perf_counter()
-    built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
-    timings["decompose"] = time.perf_counter() - t0
+    whole: dict[str, Any] | None = None
+    if check is not None and request.check:
+        built, allocation, table, check, whole = _checked_build(
+            sel, allocation, cal, table, plain_table, check, alloc, budget, request, inplace=inplace, seed=seed,
+            solver=solver, progress=progress, eval_fn=eval_fn)
+        timings["whole_model_check"] = whole["seconds"]
+    else:
+        built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
+    timings["decompose"] = time.perf_counter() - t0 - timings.get("whole_model_check", 0.0)
     timings["total"] = time.perf_counter() - t_start
     # a latency budget leaves MACs free (the time model holds them), params still hold exactly
     result = finalize(sel, built, allocation, cal, budget=budget, method=method,
@@ -289,12 +304,87 @@ def compress(
         if estimate is not None:
             mode.update(estimated_s=round(estimate.seconds, 3), to_measure=estimate.to_measure,
                         cached=estimate.cached)
+    if whole is not None:
+        result.report.metrics["whole_model"] = whole
+        result.report.notes.extend(whole["notes"])
+        if whole.get("chosen"):
+            mode["whole_model_speedup"] = round(whole["chosen"]["speedup"], 3)
+            mode["margin"] = whole["chosen"]["margin"]
     result.report.metrics["allocation_mode"] = mode
     if finetune_epochs:
         from .target import finetune_compressed
         finetune_compressed(result, sel.original, data if data is not None else dataset_name, finetune_epochs,
                             finetune_options, seed=seed, progress=progress)
     return result
+
+
+def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budget, request, *, inplace: bool,
+                   seed: int, solver: str, progress: bool, eval_fn) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """Build the speed-aware allocation and time it against the original (:mod:`rankslim.whole_model`); when it is
+    not faster, raise the margin, allocate and build again.  Returns ``(built, allocation, table, check, whole)``
+    of the model kept (the fastest that meets the budget) and the ``report.metrics["whole_model"]`` record.
+    Raises :class:`BudgetError` when ``speed_aware=True`` and no built model is faster."""
+    from .bench import make_example
+    from .pipeline import speed_aware as speed_table
+    from .speed_mode import MEASURE_OPTIONS
+    from .whole_model import compare_models, describe, margins_after, time_models, timing
+    t0 = time.perf_counter()
+    ex = sel.example
+    if ex is None or (isinstance(ex, torch.Tensor) and ex.is_floating_point()):
+        ex = make_example(sel.input_shape, 1)  # random rather than zeros: sparse activations would flatter
+    timed_on = dict(runtime=check.runtime, batch=check.batch, threads=check.threads)
+    notes: list[str] = []
+    if check.runtime == "onnxruntime" and not isinstance(ex, torch.Tensor):
+        built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
+        notes.append("whole-model check skipped: onnxruntime timing takes models with one tensor input")
+        return built, allocation, table, check, {"tried": [], "chosen": None, "notes": notes,
+                                                 "seconds": time.perf_counter() - t0}
+    if inplace:  # the original is about to be modified: time it first, then the built model, no retries
+        (orig_ms,), _ = time_models([sel.model], ex, **timed_on)
+        built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
+        (comp_ms,), calls = time_models([built.model], ex, **timed_on)
+        t = timing(orig_ms, comp_ms, margin=check.margin, calls=calls, **timed_on)
+        if not t.faster:
+            notes.append(f"warning: {describe(t)}: slower than the original (inplace=True: not re-allocated; "
+                         "compress a copy to let rankslim raise the margin, or use speed_aware=False)")
+        return built, allocation, table, check, {"tried": [t.to_dict()], "chosen": t.to_dict(), "notes": notes,
+                                                 "seconds": time.perf_counter() - t0}
+    measuring = {k: v for k, v in request.options.items() if k in MEASURE_OPTIONS and k != "margin"}
+    tried: list[tuple[Any, Any, Any, Any, Any]] = []
+    margin = check.margin
+    while True:
+        built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=False)
+        t = compare_models(sel.original, built.model, ex, margin=margin, **timed_on)
+        tried.append((t, built, allocation, table, check))
+        if t.faster:
+            break
+        nxt = margins_after(margin)
+        if not nxt:
+            break
+        margin = nxt[0]
+        table, check = speed_table(sel, plain_table, margin=margin, **measuring)
+        try:
+            allocation = allocate(sel, table, alloc, budget, calibration=cal, seed=seed, solver=solver,
+                                  eval_fn=eval_fn)
+        except BudgetError:
+            notes.append(f"whole-model check: at a {margin:.0%} layer margin the budget cannot be met")
+            break
+    t, built, allocation, table, check = max(tried, key=lambda c: c[0].speedup)
+    record = {"tried": [c[0].to_dict() for c in tried], "chosen": t.to_dict(), "notes": notes}
+    if len(tried) > 1:
+        notes.append("whole-model check: " + "; ".join(f"margin {c[0].margin:.0%}: {c[0].speedup:.2f}x"
+                                                       for c in tried) + f"; kept margin {t.margin:.0%}")
+    if not t.faster:
+        if request.mode == "on":
+            raise BudgetError(f"speed-aware: no allocation that meets the budget was measured faster than the "
+                              f"original as a whole model (best: {describe(t)}); give a larger budget, another "
+                              "--speed-batch, or MAC-only allocation (--mac-only, speed_aware=False)")
+        notes.append(f"warning: {describe(t)}: slower than the original although each factorized layer was faster "
+                     "alone; a larger budget or MAC-only allocation may do better")
+    else:
+        notes.append(f"whole-model check: {describe(t)}")
+    record["seconds"] = time.perf_counter() - t0
+    return built, allocation, table, check, record
 
 
 __all__ = ["CompressionResult", "compress"]

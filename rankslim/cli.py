@@ -128,9 +128,13 @@ def _option_error(exc: Exception, method_option: list[str], allocator_option: li
                          f"types (if they are right, rerun with {DEBUG_ENV}=1 and report the traceback)")
 
 
-def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_seconds: Optional[float]):
+def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_seconds: Optional[float],
+                  check: bool = True):
     """``compress(speed_aware=...)`` from the tri-state flags: ``--speed-aware`` on, ``--mac-only`` off, neither
     auto; options that cannot apply to the chosen state are refused (they would be silently ignored)."""
+    if mac_only and not check:
+        raise RankslimError("--no-speed-check skips the whole-model check of speed-aware allocation, which --mac-only "
+                            "turns off: drop one of them")
     if speed_aware and mac_only:
         raise RankslimError("--speed-aware and --mac-only contradict each other: pass one of them, or neither for "
                             "auto (speed-aware for a --macs budget when measuring is cheap)")
@@ -144,6 +148,8 @@ def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_s
     if mac_only:
         return False
     opts = {k: v for k, v in (("batch", batch), ("max_seconds", max_seconds)) if v is not None}
+    if not check:
+        opts["check"] = False
     if speed_aware:
         return opts or True
     return {"mode": "auto", **opts} if opts else "auto"
@@ -223,6 +229,9 @@ def compress(
                                   help="never measure: allocate ranks by MACs/params alone"),
     speed_batch: Optional[int] = typer.Option(None, "--speed-batch",
                                               help="batch size the speed-aware timings use (default 1)"),
+    speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
+                                     help="speed-aware mode: time the built model against the original and, when it "
+                                          "is not faster, keep more layers dense (default on; see docs/speed.md)"),
     speed_max_seconds: Optional[float] = typer.Option(
         None, "--speed-max-seconds", help="auto mode: measure only when the estimated measuring time is at most this "
                                           "many seconds (default 20)"),
@@ -264,7 +273,7 @@ def compress(
     from .zoo import resolve_model
 
     with cli_errors():
-        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds)
+        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds, speed_check)
         latency_fraction = _latency_budget(latency_budget)
         if model is None:
             # the bundled main job: reference ResNet-20, half the MACs, stem kept dense, BatchNorm re-estimated

@@ -98,6 +98,9 @@ def check_request(latency: Any, speed_aware: Any, request, *, params: float | No
     if isinstance(speed_aware, Mapping) and "max_seconds" in speed_aware:
         raise OptionError("speed_aware max_seconds (--speed-max-seconds) is auto mode's limit on measuring; a latency "
                           "budget always measures: drop it")
+    if isinstance(speed_aware, Mapping) and "check" in speed_aware:
+        raise OptionError("speed_aware check (--no-speed-check) belongs to speed-aware MAC budgets; a latency budget "
+                          "always times the built model: drop it")
     if "margin" in request.options:
         raise OptionError("speed_aware margin belongs to speed-aware MAC budgets; a latency budget compares measured "
                           "times directly: drop it")

@@ -65,18 +65,23 @@ class SpeedRequest:
     source: str
     options: dict[str, Any] = field(default_factory=dict)
     max_seconds: float = DEFAULT_MAX_SECONDS
+    #: time the built model against the original (:mod:`rankslim.whole_model`) and tighten the margin when slower
+    check: bool = True
 
     @property
     def measuring(self) -> dict[str, Any]:
         """runtime / batch / threads / samples with their defaults filled in (what is timed)."""
         return {"runtime": "eager", "batch": 1, "threads": 1, "samples": 8,
-                **{k: v for k, v in self.options.items() if k != "margin"}}
+                **{k: v for k, v in self.options.items() if k in MEASURE_OPTIONS and k != "margin"}}
 
 
 def _check_options(opts: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(opts) - set(MEASURE_OPTIONS) - {"mode", "max_seconds"})
+    unknown = sorted(set(opts) - set(MEASURE_OPTIONS) - {"mode", "max_seconds", "check"})
     if unknown:
-        raise OptionError(f"speed_aware takes {', '.join(MEASURE_OPTIONS)}, mode, max_seconds; not {unknown}")
+        raise OptionError(f"speed_aware takes {', '.join(MEASURE_OPTIONS)}, mode, max_seconds, check; not {unknown}")
+    if "check" in opts and not isinstance(opts["check"], bool):
+        raise OptionError(f"speed_aware check is True (time the built model against the original, the default) or "
+                          f"False, got {opts['check']!r}")
     out = dict(opts)
     if "runtime" in out and out["runtime"] not in RUNTIMES:
         raise OptionError(f"speed_aware runtime must be one of {', '.join(RUNTIMES)}, got {out['runtime']!r}")
@@ -98,7 +103,8 @@ def _check_options(opts: Mapping[str, Any]) -> dict[str, Any]:
 def speed_request(value: bool | str | Mapping[str, Any] | None) -> SpeedRequest:
     """Parse ``compress(speed_aware=...)``: ``True`` / ``False`` / ``"auto"`` (also ``"on"`` / ``"off"``) or a
     dict of measuring options (``{"batch": 32}``; on unless it says ``"mode": "auto"``, which also takes
-    ``"max_seconds"``).  ``$RANKSLIM_SPEED_AWARE`` is read only in auto mode.  Bad values raise OptionError."""
+    ``"max_seconds"``; ``"check": False`` skips the whole-model check of :mod:`rankslim.whole_model`).
+    ``$RANKSLIM_SPEED_AWARE`` is read only in auto mode.  Bad values raise OptionError."""
     opts: dict[str, Any] = {}
     if isinstance(value, bool):
         mode = "on" if value else "off"
@@ -115,18 +121,19 @@ def speed_request(value: bool | str | Mapping[str, Any] | None) -> SpeedRequest:
         raise OptionError(f"speed_aware mode must be 'auto', 'on' or 'off', got {mode!r}")
     has_limit = "max_seconds" in opts
     max_seconds = float(opts.pop("max_seconds", DEFAULT_MAX_SECONDS))
+    check = bool(opts.pop("check", True))
     if mode != "auto" and has_limit:
         raise OptionError("speed_aware max_seconds is the threshold of auto mode: pass {'mode': 'auto', "
                           "'max_seconds': S} (with speed_aware on, everything is measured whatever it costs)")
     if mode != "auto":
-        return SpeedRequest(mode, True, f"speed_aware={'True' if mode == 'on' else 'False'}", opts, max_seconds)
+        return SpeedRequest(mode, True, f"speed_aware={'True' if mode == 'on' else 'False'}", opts, max_seconds, check)
     env = os.environ.get(SPEED_ENV, "").strip().lower()
     if env not in ("", "auto", "on", "off"):
         raise OptionError(f"${SPEED_ENV} must be auto, on or off, got {env!r}: fix or unset it (or pass "
                           "speed_aware=True / False, which it does not override)")
     if env in ("on", "off"):
-        return SpeedRequest(env, False, f"{SPEED_ENV}={env}", opts, max_seconds)
-    return SpeedRequest("auto", False, "auto", opts, max_seconds)
+        return SpeedRequest(env, False, f"{SPEED_ENV}={env}", opts, max_seconds, check)
+    return SpeedRequest("auto", False, "auto", opts, max_seconds, check)
 
 
 # ------------------------------------------------------------------------------------------ estimate
@@ -251,6 +258,8 @@ def describe(mode: Mapping[str, Any]) -> str:
         if mode.get("estimated_s") is not None:
             why += ("; all timings cached" if not mode.get("to_measure")
                     else f"; measuring estimated at {seconds_text(float(mode['estimated_s']))}")
+        if mode.get("whole_model_speedup") is not None:
+            why += f"; whole model measured {float(mode['whole_model_speedup']):.2f}x the original's speed"
         return f"speed-aware ({how}; {why})"
     return f"mac-only ({mode.get('reason', '')})"
 

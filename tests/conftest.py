@@ -25,6 +25,18 @@ def _private_latency_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_whole_model_timing(monkeypatch):
+    """Speed-aware mode times the built model against the original (rankslim.whole_model); in tests that timing is
+    the parameter count (ms), so outcomes never depend on the machine's load.  tests/test_whole_model.py replaces
+    it per test and keeps a reference to the real function."""
+    from rankslim import whole_model
+
+    def by_params(models, example, **kw):
+        return [float(sum(p.numel() for p in m.parameters())) for m in models], 1
+    monkeypatch.setattr(whole_model, "time_models", by_params)
+
+
 class TinyNet(nn.Module):
     """A small conv net for 8x8 single-channel inputs (scikit-learn digits), with BN, a grouped conv and an FC."""
 

@@ -274,10 +274,10 @@ def test_cli_flags_reach_the_api(auto, monkeypatch, tmp_path):
     monkeypatch.setattr(api, "compress", spy)
     _fake_timer(monkeypatch)
     for args in ([], ["--speed-aware"], ["--speed-aware", "--speed-batch", "2"], ["--mac-only"],
-                 ["--speed-batch", "2"], ["--speed-max-seconds", "0"]):
+                 ["--speed-batch", "2"], ["--speed-aware", "--no-speed-check"], ["--speed-max-seconds", "0"]):
         r, _ = _cli(tmp_path, "--macs", "0.5", *args)
         assert r.exit_code == 0, r.output
-    assert seen == ["auto", True, {"batch": 2}, False, {"mode": "auto", "batch": 2},
+    assert seen == ["auto", True, {"batch": 2}, False, {"mode": "auto", "batch": 2}, {"check": False},
                     {"mode": "auto", "max_seconds": 0.0}]
     # the threshold reaches auto mode: 0 s is too little for the measuring TinyNet needs ... unless cached
     assert "allocation: speed-aware" in r.output and "all timings cached" in r.output
@@ -294,6 +294,7 @@ def test_cli_params_budget_says_no_mac_budget(auto, tmp_path):
     (["--speed-aware", "--no-speed-aware"], "contradict"),
     (["--mac-only", "--speed-batch", "4"], "--speed-batch"),
     (["--mac-only", "--speed-max-seconds", "5"], "--speed-max-seconds"),
+    (["--mac-only", "--no-speed-check"], "whole-model check"),
     (["--speed-aware", "--speed-max-seconds", "5"], "threshold of auto mode"),
     (["--speed-aware", "--ranks", "4"], "ranks"),
     (["--speed-batch", "0"], "positive integer"),
