@@ -32,8 +32,9 @@ from .inputs import Inputs, call_model, concat_batches, is_inputs
 
 #: margins tried, in order, after the requested one when the built model is not faster
 ESCALATION = (0.15, 0.3, 0.5)
-#: a built model counts as faster when original_ms / compressed_ms is at least this
-MIN_SPEEDUP = 1.0
+#: a built model counts as faster when original_ms / compressed_ms is at least this: 2% beyond the noise of
+#: interleaved medians on a quiet machine, so that "faster" survives being timed again
+MIN_SPEEDUP = 1.02
 #: target wall time of one check (both models, all rounds), seconds; the repeats adapt to it
 CHECK_SECONDS = 6.0
 ROUNDS = 3
