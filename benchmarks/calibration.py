@@ -55,6 +55,7 @@ def child(cfg: dict) -> dict:
     import rankslim.calibrate as calibrate
     from rankslim import pipeline
     from rankslim.allocate import Budget, get_allocator
+    from rankslim.bench import reset_peak_rss
 
     torch.set_num_threads(cfg["threads"])
     calibrate.DEFAULT_SCHEME = cfg["scheme"]
@@ -75,24 +76,31 @@ def child(cfg: dict) -> dict:
     sel = pipeline.select(model, shape, "zhang", include=include)
     t["select"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    cal = pipeline.calibrate(sel, images, calib_samples=cfg["samples"], seed=0)
+    cal = pipeline.calibrate(sel, images, calib_samples=cfg["samples"], seed=0,
+                             batch_size=cfg.get("batch_size", pipeline.CALIB_BATCH))
     t["calibrate"] = time.perf_counter() - t1
+    stage_peak = {"calibrate": _vm("VmHWM") - base}  # each stage's own peak: the counter is reset between stages
+    reset_peak_rss()
     t1 = time.perf_counter()
     table = pipeline.cost_table(sel, cal, quantities=budget.quantities)
     # a MAC budget is out of reach with a few targets: the layer sweep keeps half of every rank instead
     allocator = get_allocator("cptv") if include is None else get_allocator("ratio", {"ratio": 0.5})
     alloc = pipeline.allocate(sel, table, allocator, budget if include is None else Budget(), calibration=cal)
     t["allocate"] = time.perf_counter() - t1
+    stage_peak["allocate"] = _vm("VmHWM") - base
+    reset_peak_rss()
     t1 = time.perf_counter()
     built = pipeline.build(sel, alloc, cal)
     t["build"] = time.perf_counter() - t1
+    stage_peak["build"] = _vm("VmHWM") - base
     res = pipeline.finalize(sel, built, alloc, cal, budget=budget if include is None else Budget(), method="zhang",
                             budget_request={"macs": cfg["macs"]} if include is None else {"ratio": 0.5})
     total = time.perf_counter() - t0
     c = cal.calibrator
     frac = res.report.fractions()
     return {**cfg, "targets": len(sel.targets), "decomposed": len(built.layer_plans), "seconds": total,
-            "stages": t, "peak_bytes": _vm("VmHWM"), "base_bytes": base, "added_peak_bytes": _vm("VmHWM") - base,
+            "stages": t, "peak_bytes": base + max(stage_peak.values()), "base_bytes": base,
+            "added_peak_bytes": max(stage_peak.values()), "stage_added_peak_bytes": stage_peak,
             "scheme_used": c.scheme_used, "nodes_run": c.nodes_run, "restarts": c.restarts,
             "peak_frontier_bytes": c.peak_frontier_bytes, "cache_bytes": c.cache_bytes,
             "batches": len(c.batches), "graph_nodes": len(c._graph.nodes) if c._graph is not None else None,
@@ -174,7 +182,8 @@ def write_docs(data: dict) -> None:
         if r["scheme_used"] == "fast" and r.get("graph_nodes"):
             per = r["graph_nodes"] * r["batches"]
             passes = f"{r['nodes_run']['original'] / per:.1f} + {r['nodes_run']['work'] / per:.1f}"
-        sweep = f"bounded ({r['cache_limit_mib']:g} MiB, {r['threads']} thread)" if r.get("cache_limit_mib") else r["sweep"]
+        sweep = (f"bounded ({r['cache_limit_mib']:g} MiB, batch {r.get('batch_size', 64)}, {r['threads']} thread(s))"
+                 if r.get("cache_limit_mib") else r["sweep"])
         lines.append(f"| {sweep} | {r['samples']} | {r['targets']} | {r['scheme_used']} | {r['seconds']:.1f} | "
                      f"{r['stages']['calibrate']:.1f} | {r['stages']['build']:.1f} | {_mib(r['added_peak_bytes'])} | "
                      f"{_mib(r['peak_frontier_bytes']) if r['scheme_used'] == 'fast' else ''} | {passes} |")
@@ -187,15 +196,27 @@ def write_docs(data: dict) -> None:
     bounded = [r for r in data["runs"] if r.get("sweep") == "bounded" and "timed_out" not in r]
     if bounded:
         lo, hi = min(bounded, key=lambda r: r["samples"]), max(bounded, key=lambda r: r["samples"])
-        lines += ["", "The *bounded* rows set `cache_limit_bytes` low (`python benchmarks/calibration.py --bounded "
-                  f"MIB`): the frontiers stop at the limit ({_mib(max(r['peak_frontier_bytes'] for r in bounded))} "
-                  f"MiB at most), yet the added peak still grows from {_mib(lo['added_peak_bytes'])} MiB at "
-                  f"{lo['samples']} samples to {_mib(hi['added_peak_bytes'])} MiB at {hi['samples']}: the frontiers "
-                  "are not what dominates. The in-flight activations of one calibration batch (up to 64 images at "
-                  "224x224) and the held input batches do, so **memory is not yet independent of the number of "
-                  "samples** up to the batch size, and grows by the inputs themselves past it. Recomputing the "
-                  "batches that do not fit costs time (these rows were run on 1 thread"
-                  + (f", {data['bounded_loaded']}" if data.get("bounded_loaded") else "") + ")."]
+        image_mib = 3 * data["size"] ** 2 * 4 / 2**20
+        grow = (hi["added_peak_bytes"] - lo["added_peak_bytes"]) / 2**20
+        inputs = (hi["samples"] - lo["samples"]) * image_mib
+        lines += ["", f"The *bounded* rows are what a user gets with `compress(calib_memory_mib={lo['cache_limit_mib']:g}, "
+                  f"calib_batch_size={lo.get('batch_size', 64)})` (`--calib-memory {lo['cache_limit_mib']:g} --calib-batch "
+                  f"{lo.get('batch_size', 64)}`; `python benchmarks/calibration.py --bounded MIB --calib-batch B`): "
+                  f"the frontiers stop at the limit ({_mib(max(r['peak_frontier_bytes'] for r in bounded))} MiB at most) "
+                  f"and one batch of {lo.get('batch_size', 64)} images is in flight. From {lo['samples']} to "
+                  f"{hi['samples']} samples the added peak goes from {_mib(lo['added_peak_bytes'])} to "
+                  f"{_mib(hi['added_peak_bytes'])} MiB (+{grow:,.0f} MiB for {hi['samples'] / lo['samples']:g}x the "
+                  f"samples), of which the {hi['samples'] - lo['samples']} extra input images themselves are "
+                  f"{inputs:,.0f} MiB (calibration holds its inputs: every layer's statistics need a pass over all "
+                  f"of them), and {hi['seconds']:.0f} s at {hi['samples']} samples. Per stage, MiB above the "
+                  "starting point: " + "; ".join(
+                      f"{r['samples']} samples: " + ", ".join(f"{k} {_mib(v)}" for k, v in
+                                                             r.get("stage_added_peak_bytes", {}).items())
+                      for r in sorted(bounded, key=lambda r: r["samples"])) + "."]
+        if data.get("bounded_note"):
+            lines += ["", data["bounded_note"]]
+        if data.get("bounded_loaded"):
+            lines += ["", f"Bounded rows measured with: {data['bounded_loaded']}."]
     svd = data.get("svd_cache")
     if svd:
         a, b = svd["no_cache"], svd["cache"]
@@ -233,6 +254,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--bounded", type=float, default=None, metavar="MIB",
                     help="only the fast scheme at --samples with cache_limit_bytes = MIB (merged into the JSON)")
+    ap.add_argument("--calib-batch", type=int, default=16, help="calibration batch size of the --bounded rows")
     ap.add_argument("--svd", action="store_true", help="only measure the SVD cache on resnet50 (merged into the JSON)")
     args = ap.parse_args()
     if args.child:
@@ -254,7 +276,7 @@ def main() -> None:
         data["runs"] = [r for r in data["runs"] if r.get("sweep") != "bounded"]
         for n in args.samples or [32, 64, 128]:
             cfg = {"sweep": "bounded", "samples": n, "layers": 0, "scheme": "fast", "cache_limit_mib": args.bounded,
-                   "size": data["size"], "threads": args.threads, "macs": 0.5}
+                   "size": data["size"], "threads": args.threads, "macs": 0.5, "batch_size": args.calib_batch}
             r = run(cfg, args.timeout)
             r["load_average"] = os.getloadavg()
             data["runs"].append(r)

@@ -39,6 +39,8 @@ def compress(
     inplace: bool = False,
     data: Any = None,
     calib_samples: int = 256,
+    calib_batch_size: int = 64,
+    calib_memory_mib: float | None = None,
     sequential: bool = True,
     solver: str = "auto",
     seed: int = 0,
@@ -70,7 +72,11 @@ def compress(
     says so); ``methods`` maps name
     globs to methods (others use ``method``).  Unsupported layers are skipped and listed in the
     report.  ``data`` (dataset name, Dataset or DataLoader) feeds data-aware methods and
-    allocators with ``calib_samples`` inputs.
+    allocators with ``calib_samples`` inputs, run ``calib_batch_size`` at a time (the activations of one batch
+    in flight are what calibration memory grows with; statistics are accumulated over batches, so a smaller
+    batch bounds memory without changing the result beyond float64 rounding).  ``calib_memory_mib`` bounds the
+    activations kept between layers (default 1024 MiB); past it batches are recomputed, so memory stops growing
+    with ``calib_samples`` at a cost in time (``docs/results/calibration.md``).
 
     ``bn_recalibrate=True`` re-estimates BatchNorm running statistics of the compressed model on
     the calibration inputs (needs ``data``).
@@ -162,6 +168,13 @@ def compress(
     if ranks is not None and request.explicit and request.mode == "on":
         raise OptionError("speed_aware=True chooses ranks under a budget, but ranks= fixes every rank: drop one of "
                           "them (or give a macs/params budget instead of ranks)")
+    if calib_memory_mib is not None and (isinstance(calib_memory_mib, bool)
+                                         or not isinstance(calib_memory_mib, (int, float)) or not calib_memory_mib >= 0):
+        raise OptionError(f"calib_memory_mib is the MiB of activations calibration may keep (>= 0), got "
+                          f"{calib_memory_mib!r}")
+    if isinstance(calib_batch_size, bool) or not isinstance(calib_batch_size, int) or calib_batch_size < 1:
+        raise OptionError(f"calib_batch_size must be a positive integer (samples per calibration pass), got "
+                          f"{calib_batch_size!r}")
     if solver not in SOLVERS:
         raise OptionError(f"unknown SVD solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if max_drop is not None:
@@ -179,7 +192,9 @@ def compress(
             model, input_shape, max_drop=max_drop, method=method, params=params, macs=macs, allocator=allocator,
             allocator_options=allocator_options, methods=methods, method_options=method_options, include=include,
             exclude=exclude, min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
-            data=data, eval_data=eval_data, calib_samples=calib_samples, sequential=sequential, solver=solver,
+            data=data, eval_data=eval_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
+            calib_cache_bytes=None if calib_memory_mib is None else int(calib_memory_mib * 2**20),
+            sequential=sequential, solver=solver,
             seed=seed, eval_fn=eval_fn, bn_recalibrate=bn_recalibrate, finetune_epochs=finetune_epochs,
             finetune_options=finetune_options, progress=progress, spec=spec_str, dataset=dataset_name)
         found.report.metrics["allocation_mode"] = mac_only(
@@ -205,8 +220,9 @@ def compress(
     timings["select"] = time.perf_counter() - t_start
     t0 = time.perf_counter()
     wants_batches = bn_recalibrate or (alloc is not None and alloc.needs_context)
-    cal = calibrate(sel, data, calib_samples=calib_samples, sequential=sequential, seed=seed,
-                    want_batches=wants_batches, transform=transform)
+    cal = calibrate(sel, data, calib_samples=calib_samples, batch_size=calib_batch_size, sequential=sequential,
+                    seed=seed, want_batches=wants_batches, transform=transform,
+                    cache_limit_bytes=None if calib_memory_mib is None else int(calib_memory_mib * 2**20))
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -393,11 +393,21 @@ def calibration_batches(data: str | Dataset | DataLoader | torch.Tensor, n_sampl
         raise DataError("the calibration dataset is empty")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[: min(n_samples, n)].sort().values
-    if isinstance(data, TensorDataset) and transform is None:  # fast path: one gather instead of n item lookups
-        x: Inputs = data.tensors[0][idx]
-    else:
-        x = _join([_first(data[int(i)], transform) for i in idx], stack=True)
-    return [map_tensors(b, torch.Tensor.clone) for b in split_batch(x, batch_size)]
+    chunks = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    # each batch is gathered into its own new memory: no joined copy of every sample beside the batches (that
+    # doubled the inputs' memory at the calibration peak)
+    if isinstance(data, TensorDataset) and transform is None:  # fast path: one gather per batch, not n item lookups
+        return [data.tensors[0][c] for c in chunks]
+    items = [_first(data[int(i)], transform) for i in idx]
+    _join(items[:1] + items[-1:], stack=True)  # structure / shape errors name the data, as for a joined list
+    batches = []
+    for s in range(0, len(items), batch_size):
+        b = _join(items[s:s + batch_size], stack=True)
+        if batches and (_structure(b) != _structure(batches[0])
+                        or [t.shape[1:] for t in _tensors(b)] != [t.shape[1:] for t in _tensors(batches[0])]):
+            _join([items[0], items[s]], stack=True)  # raises the DataError that names the disagreement
+        batches.append(map_tensors(b, lambda t: t if t.dim() and t.shape[0] == _batch_size(b) else t.clone()))
+    return batches
 
 
 def _model_float_dtype(model: nn.Module) -> torch.dtype | None:

@@ -32,6 +32,8 @@ from .surgery import Skipped, Target, replace_modules, select_targets, working_c
 
 #: accuracy drop (fraction) above which a run warns (CLI) — see README "main job"
 WARN_DROP = 0.03
+#: samples per calibration forward pass (``compress(calib_batch_size=)``, ``--calib-batch``)
+CALIB_BATCH = 64
 
 
 # ------------------------------------------------------------------------------------------- select
@@ -257,11 +259,17 @@ class Calibration:
 
 def calibrate(selection: Selection, data: Any, *, calib_samples: int = 256, sequential: bool = True, seed: int = 0,
               want_batches: bool = False, data_spectra: bool = True,
-              transform: Callable[[Any], Any] | None = None) -> Calibration:
+              transform: Callable[[Any], Any] | None = None, batch_size: int = CALIB_BATCH,
+              cache_limit_bytes: int | None = None) -> Calibration:
     """Draw calibration inputs when a method needs data or ``want_batches``; check them against the model.
 
     ``transform`` maps each data item (or DataLoader batch) to model inputs (see
-    :func:`~rankslim.data.calibration_batches`).
+    :func:`~rankslim.data.calibration_batches`).  ``batch_size``: samples per calibration forward pass; the
+    activations of one batch in flight are the part of calibration memory that grows with it (statistics are
+    accumulated per batch, so the result does not depend on it beyond float64 rounding).  ``cache_limit_bytes``
+    bounds the activations the calibrator keeps between targets (default
+    :data:`~rankslim.calibrate.DEFAULT_CACHE_LIMIT`, 1 GiB); past it batches are recomputed, so calibration memory
+    stops growing with the number of samples (at a cost in time).
 
     With data-aware methods, builds a :class:`~rankslim.calibrate.Calibrator` and (``data_spectra``)
     the original-input statistics each data-aware target's allocation spectrum needs.
@@ -275,7 +283,7 @@ def calibrate(selection: Selection, data: Any, *, calib_samples: int = 256, sequ
                                 "(a dataset name, Dataset or DataLoader)")
         return Calibration(sequential=sequential)
     from .data import calibration_batches
-    batches = calibration_batches(data, calib_samples, seed=seed, transform=transform)
+    batches = calibration_batches(data, calib_samples, batch_size=batch_size, seed=seed, transform=transform)
     from .data import check_batches
     # token batches may be longer or shorter than the example: only image-like inputs must match its shape
     from .inputs import tokens_per_sample
@@ -286,7 +294,7 @@ def calibrate(selection: Selection, data: Any, *, calib_samples: int = 256, sequ
         from .calibrate import Calibrator
         aware = [t for t in selection.targets if selection.methods[t.name].needs_data]
         cal.calibrator = Calibrator(selection.model, batches, sequential=sequential, seed=seed,
-                                    names=[t.name for t in aware])
+                                    names=[t.name for t in aware], cache_limit_bytes=cache_limit_bytes)
         if data_spectra:
             for t in aware:
                 raw = selection.methods[t.name].needs_raw and not sequential

@@ -157,6 +157,8 @@ def compress_within_drop(
     eval_data: Dataset | DataLoader | None = None,
     val_fraction: float = 0.1,
     calib_samples: int = 256,
+    calib_batch_size: int = 64,
+    calib_cache_bytes: int | None = None,
     sequential: bool = True,
     solver: str = "auto",
     seed: int = 0,
@@ -208,7 +210,8 @@ def compress_within_drop(
                  exclude=exclude, min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, inplace=False,
                  spec=spec, dataset=dataset)
     cal = calibrate(sel, train_data, calib_samples=calib_samples, sequential=sequential, seed=seed,
-                    want_batches=bn_recalibrate or alloc.needs_context)
+                    want_batches=bn_recalibrate or alloc.needs_context, batch_size=calib_batch_size,
+                    cache_limit_bytes=calib_cache_bytes)
     table = cost_table(sel, cal, quantities=(quantity,), round_to=round_to, keep_head=keep_head)
     lowest = table.total(table.cheapest()).get(quantity) / max(sel.original_cost.get(quantity), 1)
     if upper < lowest:
