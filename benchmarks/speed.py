@@ -147,6 +147,9 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
                                         "accuracy_after": acc_of(res.model),
                                         "dense_layers": sum(1 for r in res.report.rows if not r.replaced),
                                         "allocation_mode": m.get("allocation_mode"),
+                                        "whole_model_check": [
+                                            {"margin": t["margin"], "speedup": round(t["speedup"], 3)}
+                                            for t in (m.get("whole_model") or {}).get("tried", [])],
                                         "latency_budget": {k: v for k, v in (m.get("latency") or {}).items()
                                                            if k in ("requested", "predicted", "measured")}})
                             row["macs_kept"] = 1.0 / row["mac_reduction"]
@@ -169,7 +172,13 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
              "*latency* (`compress(latency=F)`: measured time at most F of the original's). SVD, output head dense, "
              "no fine-tuning, no BatchNorm re-estimation and the stem conv compressed: the accuracies are those of "
              "raw data-free SVD at these budgets (the README's main job keeps the stem, re-estimates BN and "
-             "fine-tunes), shown to compare allocations, not as usable models.", "",
+             "fine-tunes), shown to compare allocations, not as usable models. Speed-aware rows are checked as a "
+             "whole model by `compress` (`rankslim/whole_model.py`): where the model built at the 5% layer margin was "
+             "not 1.02x faster, the margins tried and their measured speedups are shown after the speedup, and a "
+             "budget with no faster model is *infeasible* (speed-aware mode refuses to return a slower model)."
+             + (f" Rows of {', '.join(data['merged_from_earlier_runs'])} come from an earlier run (before the "
+                "whole-model check existed), merged with `--merge`." if data.get("merged_from_earlier_runs") else ""),
+             "",
              "| model | F | allocation | runtime | batch | original ms | compressed ms | speedup | MACs kept | "
              "efficiency | accuracy before → after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -178,12 +187,17 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
         if "infeasible" in r:
             import re
             got = re.search(r"smallest (?:reachable is|time fraction the measurements allow is) ([0-9.]+)", r["infeasible"])
-            lines.append(head + "infeasible" + (f" (smallest reachable {float(got.group(1)):.2f})" if got else "")
-                         + " | | | | |")
+            whole = re.search(r"best: whole model measured ([0-9.]+)x", r["infeasible"])
+            why = (f" (smallest reachable {float(got.group(1)):.2f})" if got else
+                   f" (whole model never faster: best {float(whole.group(1)):.2f}x)" if whole else "")
+            lines.append(head + "infeasible" + why + " | | | | |")
             continue
         acc = "-" if r["accuracy_after"] is None else \
             f"{100 * r['accuracy_before']:.1f}% → {100 * r['accuracy_after']:.1f}%"
-        lines.append(head + f"{r['compressed_ms']:.2f} | {r['speedup']:.2f}x | {100 * r['macs_kept']:.0f}% | "
+        check = r.get("whole_model_check") or []
+        note = (" (check: " + ", ".join(f"{100 * t['margin']:.0f}% {t['speedup']:.2f}x" for t in check) + ")"
+                if len(check) > 1 else "")
+        lines.append(head + f"{r['compressed_ms']:.2f} | {r['speedup']:.2f}x{note} | {100 * r['macs_kept']:.0f}% | "
                      f"{r['efficiency']:.2f} | {acc} |")
     done = [r for r in data["rows"] if "infeasible" not in r]
     slower = [r for r in done if r["speedup"] < 1.0]
@@ -241,6 +255,9 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="start no new configuration after this many minutes (the rest is listed as not run)")
     ap.add_argument("--models", default=None, help="comma-separated model specs (default: the full list)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,32)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the existing JSON's rows of other models / batches and replace only those measured now")
     args = ap.parse_args()
     out_path = args.out or RESULTS
     if args.smoke and args.out is None:
@@ -255,7 +272,19 @@ def main() -> None:
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.models:
         cfg["models"] = [m for m in args.models.split(",") if m]
+    if args.batches:
+        cfg["batches"] = [int(b) for b in args.batches.split(",") if b]
+    old = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
     data = run(cfg, out_path, args.max_minutes)
+    if old is not None:
+        measured = {(r["model"], r["batch"]) for r in data["rows"]}
+        kept = [r for r in old["rows"] if (r["model"], r["batch"]) not in measured]
+        data["rows"] = kept + data["rows"]
+        data["merged_from_earlier_runs"] = sorted({r["model"] for r in kept})
+        data["not_run"] = [n for n in old.get("not_run", []) + data["not_run"]
+                           if (n["model"], n["batch"]) not in measured]
+        from rankslim.train.loop import atomic_write_bytes
+        atomic_write_bytes(out_path, json.dumps(data, indent=1).encode())
     if args.smoke:
         docs(data, out_path.with_suffix(".md"), out_path.with_suffix(".png"))
     else:
