@@ -172,7 +172,12 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
              "*latency* (`compress(latency=F)`: measured time at most F of the original's). SVD, output head dense, "
              "no fine-tuning, no BatchNorm re-estimation and the stem conv compressed: the accuracies are those of "
              "raw data-free SVD at these budgets (the README's main job keeps the stem, re-estimates BN and "
-             "fine-tunes), shown to compare allocations, not as usable models. Speed-aware rows are checked as a "
+             "fine-tunes), shown to compare allocations, not as usable models. "
+             + ("glibc's malloc thresholds are fixed for the whole run (`rankslim.bench.fix_heap_thresholds`: "
+                "otherwise a small model's batch-1 latency depended on what the process ran before, e.g. ResNet-20 "
+                "2.0 ms, then 4.8 ms after a model was evaluated at batch 256). "
+                if data["config"].get("heap_thresholds_fixed") else "")
+             + "Speed-aware rows are checked as a "
              "whole model by `compress` (`rankslim/whole_model.py`): where the model built at the 5% layer margin was "
              "not 1.02x faster, the margins tried and their measured speedups are shown after the speedup, and a "
              "budget with no faster model is *infeasible* (speed-aware mode refuses to return a slower model)."
@@ -269,7 +274,12 @@ def main() -> None:
         else:  # the docs hold only the committed results; other JSON files get their tables beside them
             docs(data, out_path.with_suffix(".md"), out_path.with_suffix(".png"))
         return
+    from rankslim.bench import fix_heap_thresholds
+    # latencies must not depend on what this process ran before (see fix_heap_thresholds): every row is timed with
+    # the same allocator settings, original and compressed alike
+    heap_fixed = fix_heap_thresholds()
     cfg = dict(SMOKE if args.smoke else FULL)
+    cfg["heap_thresholds_fixed"] = heap_fixed
     if args.models:
         cfg["models"] = [m for m in args.models.split(",") if m]
     if args.batches:
