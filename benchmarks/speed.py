@@ -225,6 +225,23 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
         lines += ["", "Not measured (out of the run's time: `--max-minutes` reached, or stopped by hand; see `invocations` in the JSON): "
                   + "; ".join(f"{r['model']} {r['macs_budget']} {r['runtime']} b{r['batch']}" for r in data["not_run"])
                   + "."]
+    prev_path = RESULTS.with_name("speed.run1.json")
+    if md_path == DOC and prev_path.exists():
+        prev = {(r["model"], r["macs_budget"], r["allocation"], r["runtime"], r["batch"]): r
+                for r in json.loads(prev_path.read_text())["rows"] if "infeasible" not in r}
+        pairs = [(r, prev[k]) for r in done
+                 if (k := (r["model"], r["macs_budget"], r["allocation"], r["runtime"], r["batch"])) in prev]
+        if pairs:
+            ratio = sorted(max(a["speedup"], b["speedup"]) / min(a["speedup"], b["speedup"]) for a, b in pairs)
+            worst = max(pairs, key=lambda p: max(p[0]["speedup"], p[1]["speedup"]) / min(p[0]["speedup"],
+                                                                                         p[1]["speedup"]))
+            lines += ["", f"**Repeatability.** The same rows measured in an earlier run "
+                      f"(`benchmarks/results/speed.run1.json`, same machine and settings, glibc thresholds not fixed) "
+                      f"differ in speedup by a median factor of {ratio[len(ratio) // 2]:.2f} over {len(pairs)} rows "
+                      f"(largest: {worst[0]['model']} {worst[0]['macs_budget']} {worst[0]['allocation']} "
+                      f"{worst[0]['runtime']} b{worst[0]['batch']}, {worst[1]['speedup']:.2f}x then "
+                      f"{worst[0]['speedup']:.2f}x). On this shared 2-core virtual machine a single run's speedups "
+                      "are good to about that factor; read differences smaller than it as noise."]
     lines += ["", f"Load average at start / end: {data.get('load_average_at_start')} / "
               f"{data.get('load_average_at_end')} (per row in the JSON); {data.get('seconds', 0) / 60:.0f} minutes."]
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,15 @@ def test_cli_bench_writes_json_and_refuses_bad_input(tmp_path, tiny_net):
     for args, msg in ((["--runtime", "tvm"], "--runtime"), (["--batch", "0"], "--batch")):
         bad = runner.invoke(app, ["bench", "torchvision:resnet18", "--input-shape", "3,32,32", *args])
         assert bad.exit_code == 2 and msg in bad.output and "Traceback" not in bad.output
+
+
+def test_fix_heap_thresholds_applies_in_a_fresh_process():
+    """benchmarks/speed.py fixes glibc's malloc thresholds; in a separate process so the suite's own allocator is left
+    alone.  True on glibc (this machine); the process still allocates and computes afterwards."""
+    import subprocess
+    import sys
+    code = ("import torch; from rankslim.bench import fix_heap_thresholds; ok = fix_heap_thresholds(); "
+            "x = torch.ones(2**20); print(ok, float((x * 2).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(float(2 * 2**20))]
