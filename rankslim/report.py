@@ -118,7 +118,7 @@ class Report:
         for k, v in self.metrics.items():
             # latency: a section of its own in to_markdown; allocation_mode: the line above; speed_aware: its
             # per-layer timings belong in report.json, the allocation line and notes summarise them
-            if k in ("latency", "allocation_mode", "speed_aware"):
+            if k in ("latency", "allocation_mode", "speed_aware", "whole_model"):  # summarised above / notes
                 continue
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return lines
