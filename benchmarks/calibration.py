@@ -36,17 +36,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "calibration.json"
 DOC = ROOT / "docs" / "results" / "calibration.md"
 
 
-def _vm(field: str) -> int:
-    """A memory figure of this process from ``/proc/self/status`` in bytes (0 where there is none)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def child(cfg: dict) -> dict:
     """One compression through the stages of :mod:`rankslim.pipeline`; timings per stage and peak memory."""
     import torch
@@ -55,7 +44,7 @@ def child(cfg: dict) -> dict:
     import rankslim.calibrate as calibrate
     from rankslim import pipeline
     from rankslim.allocate import Budget, get_allocator
-    from rankslim.bench import reset_peak_rss
+    from rankslim.bench import reset_peak_rss, rss_bytes
 
     torch.set_num_threads(cfg["threads"])
     calibrate.DEFAULT_SCHEME = cfg["scheme"]
@@ -69,7 +58,7 @@ def child(cfg: dict) -> dict:
     if cfg.get("layers"):
         sel = pipeline.select(model, shape, "zhang")
         include = [t.name for t in sel.targets][: cfg["layers"]]
-    base = _vm("VmRSS")
+    base = rss_bytes()[0]
     budget = Budget(macs=cfg["macs"])
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -79,7 +68,7 @@ def child(cfg: dict) -> dict:
     cal = pipeline.calibrate(sel, images, calib_samples=cfg["samples"], seed=0,
                              batch_size=cfg.get("batch_size", pipeline.CALIB_BATCH))
     t["calibrate"] = time.perf_counter() - t1
-    stage_peak = {"calibrate": _vm("VmHWM") - base}  # each stage's own peak: the counter is reset between stages
+    stage_peak = {"calibrate": rss_bytes()[1] - base}  # each stage's own peak: the counter is reset between stages
     reset_peak_rss()
     t1 = time.perf_counter()
     table = pipeline.cost_table(sel, cal, quantities=budget.quantities)
@@ -87,12 +76,12 @@ def child(cfg: dict) -> dict:
     allocator = get_allocator("cptv") if include is None else get_allocator("ratio", {"ratio": 0.5})
     alloc = pipeline.allocate(sel, table, allocator, budget if include is None else Budget(), calibration=cal)
     t["allocate"] = time.perf_counter() - t1
-    stage_peak["allocate"] = _vm("VmHWM") - base
+    stage_peak["allocate"] = rss_bytes()[1] - base
     reset_peak_rss()
     t1 = time.perf_counter()
     built = pipeline.build(sel, alloc, cal)
     t["build"] = time.perf_counter() - t1
-    stage_peak["build"] = _vm("VmHWM") - base
+    stage_peak["build"] = rss_bytes()[1] - base
     res = pipeline.finalize(sel, built, alloc, cal, budget=budget if include is None else Budget(), method="zhang",
                             budget_request={"macs": cfg["macs"]} if include is None else {"ratio": 0.5})
     total = time.perf_counter() - t0

@@ -175,6 +175,7 @@ def compress(
     if isinstance(calib_batch_size, bool) or not isinstance(calib_batch_size, int) or calib_batch_size < 1:
         raise OptionError(f"calib_batch_size must be a positive integer (samples per calibration pass), got "
                           f"{calib_batch_size!r}")
+    calib_cache_bytes = None if calib_memory_mib is None else int(calib_memory_mib * 2**20)
     if solver not in SOLVERS:
         raise OptionError(f"unknown SVD solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if max_drop is not None:
@@ -193,7 +194,7 @@ def compress(
             allocator_options=allocator_options, methods=methods, method_options=method_options, include=include,
             exclude=exclude, min_params=min_params, keep_stem=keep_stem, keep_head=keep_head, round_to=round_to,
             data=data, eval_data=eval_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
-            calib_cache_bytes=None if calib_memory_mib is None else int(calib_memory_mib * 2**20),
+            calib_cache_bytes=calib_cache_bytes,
             sequential=sequential, solver=solver,
             seed=seed, eval_fn=eval_fn, bn_recalibrate=bn_recalibrate, finetune_epochs=finetune_epochs,
             finetune_options=finetune_options, progress=progress, spec=spec_str, dataset=dataset_name)
@@ -222,7 +223,7 @@ def compress(
     wants_batches = bn_recalibrate or (alloc is not None and alloc.needs_context)
     cal = calibrate(sel, data, calib_samples=calib_samples, batch_size=calib_batch_size, sequential=sequential,
                     seed=seed, want_batches=wants_batches, transform=transform,
-                    cache_limit_bytes=None if calib_memory_mib is None else int(calib_memory_mib * 2**20))
+                    cache_limit_bytes=calib_cache_bytes)
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -398,14 +398,16 @@ def calibration_batches(data: str | Dataset | DataLoader | torch.Tensor, n_sampl
     # doubled the inputs' memory at the calibration peak)
     if isinstance(data, TensorDataset) and transform is None:  # fast path: one gather per batch, not n item lookups
         return [data.tensors[0][c] for c in chunks]
-    items = [_first(data[int(i)], transform) for i in idx]
-    _join(items[:1] + items[-1:], stack=True)  # structure / shape errors name the data, as for a joined list
+    first = None
     batches = []
-    for s in range(0, len(items), batch_size):
-        b = _join(items[s:s + batch_size], stack=True)
-        if batches and (_structure(b) != _structure(batches[0])
-                        or [t.shape[1:] for t in _tensors(b)] != [t.shape[1:] for t in _tensors(batches[0])]):
-            _join([items[0], items[s]], stack=True)  # raises the DataError that names the disagreement
+    for c in chunks:
+        items = [_first(data[int(i)], transform) for i in c]
+        b = _join(items, stack=True)  # an item disagreeing inside the batch raises here
+        if first is None:
+            first = items[0]
+        elif (_structure(b) != _structure(batches[0])
+              or [t.shape[1:] for t in _tensors(b)] != [t.shape[1:] for t in _tensors(batches[0])]):
+            _join([first, items[0]], stack=True)  # raises the DataError that names the disagreement
         batches.append(map_tensors(b, lambda t: t if t.dim() and t.shape[0] == _batch_size(b) else t.clone()))
     return batches
 
