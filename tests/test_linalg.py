@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankslim.linalg import gram_svd, psd_inv_sqrt, psd_sqrt, psd_sqrt_inv_sqrt, range_finder, svt
+from rankslim.linalg import gram_svd, psd_factor, psd_inv_sqrt, psd_sqrt, psd_sqrt_inv_sqrt, range_finder, svt
 
 F64 = torch.float64
 
@@ -150,3 +150,59 @@ def test_single_root_helpers_equal_the_pair():
     assert torch.equal(psd_inv_sqrt(A, damping=1e-8), iroot)
     with pytest.raises(ValueError):
         psd_inv_sqrt(A, damping=-1.0)
+
+
+def _spd(k: int, rank: int | None = None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(k, rank or 3 * k, generator=g, dtype=torch.float64)
+    return X @ X.T
+
+
+def test_psd_factor_cholesky_products_match_the_explicit_roots():
+    A = _spd(12)
+    f = psd_factor(A, 0.0)
+    assert f.cholesky and torch.allclose(f.tri, torch.tril(f.tri))
+    M = torch.randn(5, 12, dtype=torch.float64)
+    root, iroot = psd_sqrt_inv_sqrt(A, damping=0.0)
+    # F = A^{1/2} O with O orthogonal: same Gram matrices and singular values as the symmetric roots
+    assert torch.allclose(f.times(M) @ f.times(M).T, M @ A @ M.T, rtol=1e-10, atol=1e-8)
+    assert torch.allclose(torch.linalg.svdvals(f.times(M)), torch.linalg.svdvals(M @ root), rtol=1e-10)
+    assert torch.allclose(f.solve_t(M) @ f.solve_t(M).T, M @ torch.linalg.inv(A) @ M.T, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(f.solve(f.times(M)), M, atol=1e-10)
+    assert torch.allclose(torch.linalg.svdvals(f.solve_t(M)), torch.linalg.svdvals(M @ iroot), rtol=1e-8)
+
+
+def test_psd_factor_leaves_a_tensor_alone_and_may_overwrite_a_fresh_one():
+    A = _spd(8)
+    before = A.clone()
+    psd_factor(A, 1e-12)
+    assert torch.equal(A, before)
+    made = []
+
+    def fresh():
+        made.append(A.clone())
+        return made[-1]
+
+    f = psd_factor(fresh, 1e-12)
+    assert len(made) == 1 and f.cholesky
+    assert torch.allclose(made[0], f.tri)  # the factor lives in the fresh matrix's storage
+
+
+def test_psd_factor_falls_back_to_eigh_on_singular_matrices():
+    A = _spd(10, rank=4)  # rank 4: Cholesky breaks down without damping
+    calls = []
+
+    def fresh():
+        calls.append(1)
+        return A.clone()
+
+    f = psd_factor(fresh, 0.0)
+    assert not f.cholesky and len(calls) == 2  # rebuilt once for eigh after the failed Cholesky
+    M = torch.randn(3, 10, dtype=torch.float64)
+    assert torch.allclose(f.times(M) @ f.times(M).T, M @ A @ M.T, atol=1e-8)
+    # with damping the same matrix factorizes by Cholesky, as A + δI
+    g = psd_factor(A, 1e-6)
+    top = float(torch.linalg.eigvalsh(A)[-1])
+    assert g.cholesky and torch.allclose(g.tri @ g.tri.T, A + 1e-6 * top * torch.eye(10, dtype=torch.float64), atol=1e-8)
+    with pytest.raises(ValueError):
+        psd_factor(A, -1.0)

@@ -18,38 +18,37 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RankError
-# re-exported under its historical name: methods.base imports it from here
-from ..linalg import psd_inv_sqrt
-from ..linalg import psd_sqrt_inv_sqrt as sqrt_and_inv_sqrt
-from .prune import DataTerms
+from ..linalg import PSDFactor, gram_svd, psd_factor
+from .prune import sigma_max_psd
 
 
 @dataclass
 class GSVDFactors:
-    """``L = U @ V`` with ``U: (m, r)``, ``V: (r, k)``; ``sigma`` the generalised singular values kept."""
+    """``L = U @ V`` with ``U: (m, r)``, ``V: (r, k)``; ``sigma`` the generalised singular values kept,
+    ``spectrum`` all of them (``‖L F‖² = Σ sigma²`` for the factor ``F`` of ``A``)."""
 
     U: torch.Tensor
     V: torch.Tensor
     sigma: torch.Tensor
+    spectrum: torch.Tensor | None = None
 
 
-def truncated_gsvd(B: torch.Tensor, A: torch.Tensor, rank: int, A_isqrt: torch.Tensor | None = None) -> GSVDFactors:
+def truncated_gsvd(B: torch.Tensor, A: torch.Tensor | None, rank: int, factor: PSDFactor | None = None) -> GSVDFactors:
     """Minimiser of ``‖(L − B A⁻¹) A^{1/2}‖_F`` over rank-``rank`` ``L`` (``B: (m, k)``, SPD ``A: (k, k)``).
 
-    ``L = [B A^{-1/2}]_r A^{-1/2}``; returns balanced factors ``U = U_r Σ_r^{1/2}``,
-    ``V = Σ_r^{1/2} V_rᵀ A^{-1/2}``.  Pass a precomputed ``A_isqrt`` to avoid the ``eigh``.
+    ``L = [B A^{-1/2}]_r A^{-1/2}``, computed through any factor ``A = F Fᵀ`` as
+    ``[B F^{-T}]_r F^{-1}`` (the same matrix: ``F = A^{1/2} O`` with ``O`` orthogonal); returns balanced
+    factors ``U = U_r Σ_r^{1/2}``, ``V = Σ_r^{1/2} V_rᵀ F^{-1}``.  Pass a :class:`~rankslim.linalg.PSDFactor`
+    of ``A`` as ``factor`` to skip factorizing it (``A`` may then be ``None``).
     """
     m, k = B.shape
     if not 1 <= rank <= min(m, k):
         raise RankError(f"rank {rank} is impossible for a {m}x{k} matrix: use 1..{min(m, k)}")
-    if A_isqrt is None:
-        A_isqrt = psd_inv_sqrt(A)
-    Z = B.to(torch.float64) @ A_isqrt
-    Uz, s, Vh = torch.linalg.svd(Z, full_matrices=False)
+    if factor is None:
+        factor = psd_factor(A)
+    Uz, s, Vh = torch.linalg.svd(factor.solve_t(B), full_matrices=False)
     root = s[:rank].sqrt()
-    U = Uz[:, :rank] * root
-    V = (root[:, None] * Vh[:rank]) @ A_isqrt
-    return GSVDFactors(U, V, s[:rank])
+    return GSVDFactors(Uz[:, :rank] * root, factor.solve(root[:, None] * Vh[:rank]), s[:rank], s)
 
 
 @dataclass
@@ -75,21 +74,45 @@ def zhang_lowrank(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, r
     """
     if damping < 0:
         raise RankError(f"damping must be >= 0, got {damping}")
-    terms = DataTerms.build(W, XX, YX, n, None, yy, lam=None, generator=generator)
-    if damping > 0:
-        smax = terms.smax
-        del terms  # its k x k float64 terms would stay alive while the damped ones are built
-        terms = DataTerms.build(W, XX, YX, n, None, yy, lam=damping * smax, generator=generator)
-    f = truncated_gsvd(terms.N, terms.A, rank)
-    L = f.U @ f.V
-    obj = terms.objective(L)
+    if n <= 0:
+        raise RankError("calibration statistics hold no samples (n = 0)")
+    m, k = W.shape
+    if XX.shape != (k, k) or YX.shape != W.shape:
+        raise RankError(f"statistics shapes XX {tuple(XX.shape)}, YX {tuple(YX.shape)} do not match W {tuple(W.shape)}")
+    # Built without DataTerms and whitened through a Cholesky factor: at k = 5632 every k x k float64
+    # matrix is 254 MB, and this keeps one (the factor) where A, Cxx and A^{-1/2} with eigh's workspace
+    # kept five or six.
+    smax = sigma_max_psd(XX.to(torch.float64), generator) / n  # σ_max(XX/n)
+    lam = damping * smax
+    B = YX.to(torch.float64) / n
+    B.add_(W.to(B), alpha=lam)  # N = YX/n + λW
+    w2 = float(torch.linalg.vector_norm(W, dtype=torch.float64)) ** 2
+
+    def damped() -> torch.Tensor:  # A = XX/n + λI, fresh so the factor may be written into it
+        A = XX.to(torch.float64) / n
+        A.diagonal().add_(lam)
+        return A
+
+    factor = psd_factor(damped, 0.0 if lam > 0 else 1e-12, top=smax + lam)
+    f = truncated_gsvd(B, None, rank, factor)
+    # every term below is taken through the factors (r x k products): with L = U V,
+    # ½⟨L A, L⟩ = ½‖L F‖² = ½ Σ_{i≤r} σ_i² and ⟨L, M⟩ = ⟨U, M Vᵀ⟩, so no m x k or k x k product is formed
+    def inner(U: torch.Tensor, V: torch.Tensor, M: torch.Tensor) -> float:
+        return float((U * (M @ V.T)).sum())
+
+    def data(U: torch.Tensor, V: torch.Tensor, LF2: float) -> float:
+        """‖Y − UV X‖²/n = yy/n − 2⟨L, YX/n⟩ + ⟨L Cxx, L⟩, with YX/n = N − λW and Cxx = A − λI."""
+        L2 = float(((U.T @ U) * (V @ V.T)).sum())
+        return yy / n - 2 * (inner(U, V, B) - lam * inner(U, V, W.to(B))) + LF2 - lam * L2
+
+    kept = float((f.sigma ** 2).sum())
+    obj = 0.5 * kept - inner(f.U, f.V, B) + yy / (2 * n) + 0.5 * lam * w2
     rel = svd_rel = None
     if yy > 0:
-        data = lambda Wh: float(yy / n - 2 * (Wh * terms.Myx).sum() + ((Wh @ terms.Cxx) * Wh).sum())  # noqa: E731
-        rel = data(L) / (yy / n)
-        Us, s, Vh = torch.linalg.svd(terms.W, full_matrices=False)
-        svd_rel = data((Us[:, :rank] * s[:rank]) @ Vh[:rank]) / (yy / n)
-    return ZhangResult(f.U, f.V, obj, terms.lam, rel, svd_rel)
+        rel = data(f.U, f.V, kept) / (yy / n)
+        Us, s, Vh = gram_svd(W.to(torch.float64), rank)  # the plain truncated SVD, for comparison
+        svd_rel = data(Us * s, Vh, float((factor.times(Vh) ** 2 * (s ** 2)[:, None]).sum())) / (yy / n)
+    return ZhangResult(f.U, f.V, obj, lam, rel, svd_rel)
 
 
-__all__ = ["truncated_gsvd", "zhang_lowrank", "sqrt_and_inv_sqrt", "GSVDFactors", "ZhangResult"]
+__all__ = ["truncated_gsvd", "zhang_lowrank", "GSVDFactors", "ZhangResult"]

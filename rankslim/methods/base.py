@@ -114,16 +114,17 @@ class Method:
 
         Default: singular values of ``W (XXᵀ/n)^{1/2}`` — truncating it at ``r`` loses exactly
         ``Σ_{i>r} σ_i²`` of output energy ``‖(W − Ŵ)X‖²/n`` (the whitened problem of Zhang et al.,
-        GreBdec eq. 3).  Data-free methods ignore ``stats`` (their :meth:`spectrum`).
+        GreBdec eq. 3).  Computed as those of ``W F`` for a Cholesky factor ``F Fᵀ = XXᵀ/n + 10⁻¹⁰σ_max``
+        (the same values, one ``k × k`` matrix instead of ``eigh``'s five).  Data-free methods ignore
+        ``stats`` (their :meth:`spectrum`).
         """
         if not self.needs_data or stats is None:
             return self.spectrum(target)
         from ..decompose.svd import singular_values
-        from ..linalg import psd_sqrt
-        C = stats.XX / max(int(stats.n), 1)
-        root = psd_sqrt(C, 1e-10)
-        W = target.matrix.to(torch.float64)
-        return singular_values(W @ root.to(W))
+        from ..linalg import psd_factor
+        n = max(int(stats.n), 1)
+        factor = psd_factor(lambda: stats.XX.to(torch.float64) / n, 1e-10)
+        return singular_values(factor.times(target.matrix.to(torch.float64)))
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         """The replacement module for ``target`` at knob ``rank`` and its JSON-able ``info``."""

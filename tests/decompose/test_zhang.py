@@ -57,3 +57,28 @@ def test_full_rank_recovers_weights_and_damping_pulls_to_w():
 def test_truncated_gsvd_rank_checks():
     with pytest.raises(RankError):
         truncated_gsvd(torch.randn(3, 4, dtype=torch.float64), torch.eye(4, dtype=torch.float64), 4)
+
+
+def test_solution_equals_the_symmetric_root_formula():
+    """The Cholesky route gives L = [B A^{-1/2}]_r A^{-1/2}, computed here from eigh independently."""
+    p = planted(r=6, noise=0.3)
+    X = p["X"] * torch.linspace(0.05, 2.0, p["X"].shape[0], dtype=torch.float64)[:, None]
+    Y = p["W"] @ X + 0.1 * torch.randn(p["W"].shape[0], X.shape[1], dtype=torch.float64)
+    n, lam_rel = p["n"], 1e-3
+    res = zhang_lowrank(p["W"], X @ X.T, Y @ X.T, n, 4, yy=float((Y * Y).sum()), damping=lam_rel)
+    C = X @ X.T / n
+    lam = lam_rel * float(torch.linalg.eigvalsh(C)[-1])
+    ev, Q = torch.linalg.eigh(C + lam * torch.eye(C.shape[0], dtype=torch.float64))
+    iroot = (Q * ev.rsqrt()) @ Q.T
+    U, s, Vh = torch.linalg.svd((Y @ X.T / n + lam * p["W"]) @ iroot)
+    L = (U[:, :4] * s[:4]) @ Vh[:4] @ iroot
+    assert torch.allclose(res.U @ res.V, L, atol=1e-8)
+    # the reported objective and errors, measured on the data
+    Lh = res.U @ res.V
+    data = float(((Y - Lh @ X) ** 2).sum()) / n
+    assert res.objective == pytest.approx(0.5 * data + 0.5 * lam * float(((p["W"] - Lh) ** 2).sum()), rel=1e-8)
+    assert res.relative_error == pytest.approx(data / (float((Y * Y).sum()) / n), rel=1e-8)
+    Us, ss, Vs = torch.linalg.svd(p["W"])
+    Ls = (Us[:, :4] * ss[:4]) @ Vs[:4]
+    svd_err = float(((Y - Ls @ X) ** 2).sum()) / float((Y * Y).sum())
+    assert res.svd_relative_error == pytest.approx(svd_err, rel=1e-6)
