@@ -160,10 +160,15 @@ class PSDFactor:
             return M.to(self.tri) @ self.tri
         return (M.to(self.Q) @ self.Q) * self.ev.sqrt()
 
-    def solve_t(self, M: torch.Tensor) -> torch.Tensor:
-        """``M F^{-T}`` for ``M: (m, k)`` (whitening: ``(M F^{-T})(M F^{-T})ᵀ = M A⁻¹ Mᵀ``)."""
+    def solve_t(self, M: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """``M F^{-T}`` for ``M: (m, k)`` (whitening: ``(M F^{-T})(M F^{-T})ᵀ = M A⁻¹ Mᵀ``).
+
+        ``overwrite=True``: a float64 contiguous ``M`` may receive the result (Cholesky route), saving an
+        ``m × k`` copy."""
         if self.tri is not None:
-            return torch.linalg.solve_triangular(self.tri.mT, M.to(self.tri), upper=True, left=False)
+            M = M.to(self.tri)
+            out = M if overwrite and M.is_contiguous() else None
+            return torch.linalg.solve_triangular(self.tri.mT, M, upper=True, left=False, out=out)
         return (M.to(self.Q) @ self.Q) * self.ev.rsqrt()
 
     def solve(self, M: torch.Tensor) -> torch.Tensor:

@@ -24,31 +24,34 @@ from .prune import sigma_max_psd
 
 @dataclass
 class GSVDFactors:
-    """``L = U @ V`` with ``U: (m, r)``, ``V: (r, k)``; ``sigma`` the generalised singular values kept,
-    ``spectrum`` all of them (``‖L F‖² = Σ sigma²`` for the factor ``F`` of ``A``)."""
+    """``L = U @ V`` with ``U: (m, r)``, ``V: (r, k)``; ``sigma`` the generalised singular values kept
+    (``‖L F‖² = Σ sigma²`` for the factor ``F`` of ``A``)."""
 
     U: torch.Tensor
     V: torch.Tensor
     sigma: torch.Tensor
-    spectrum: torch.Tensor | None = None
 
 
-def truncated_gsvd(B: torch.Tensor, A: torch.Tensor | None, rank: int, factor: PSDFactor | None = None) -> GSVDFactors:
+def truncated_gsvd(B: torch.Tensor, A: torch.Tensor | None, rank: int, factor: PSDFactor | None = None,
+                   overwrite: bool = False) -> GSVDFactors:
     """Minimiser of ``‖(L − B A⁻¹) A^{1/2}‖_F`` over rank-``rank`` ``L`` (``B: (m, k)``, SPD ``A: (k, k)``).
 
     ``L = [B A^{-1/2}]_r A^{-1/2}``, computed through any factor ``A = F Fᵀ`` as
     ``[B F^{-T}]_r F^{-1}`` (the same matrix: ``F = A^{1/2} O`` with ``O`` orthogonal); returns balanced
     factors ``U = U_r Σ_r^{1/2}``, ``V = Σ_r^{1/2} V_rᵀ F^{-1}``.  Pass a :class:`~rankslim.linalg.PSDFactor`
-    of ``A`` as ``factor`` to skip factorizing it (``A`` may then be ``None``).
+    of ``A`` as ``factor`` to skip factorizing it (``A`` may then be ``None``); ``overwrite=True`` lets the
+    whitened matrix be written into ``B``'s storage.
     """
     m, k = B.shape
     if not 1 <= rank <= min(m, k):
         raise RankError(f"rank {rank} is impossible for a {m}x{k} matrix: use 1..{min(m, k)}")
     if factor is None:
         factor = psd_factor(A)
-    Uz, s, Vh = torch.linalg.svd(factor.solve_t(B), full_matrices=False)
-    root = s[:rank].sqrt()
-    return GSVDFactors(Uz[:, :rank] * root, factor.solve(root[:, None] * Vh[:rank]), s[:rank], s)
+    # the top-r SVD of the whitened B from the Gram matrix of its smaller side: a full SVD would copy it
+    # and hold Vh beside it (three m x k float64 matrices at once where this holds one)
+    Uz, s, Vh = gram_svd(factor.solve_t(B, overwrite=overwrite), rank)
+    root = s.sqrt()
+    return GSVDFactors(Uz * root, factor.solve(root[:, None] * Vh), s)
 
 
 @dataclass
@@ -85,8 +88,8 @@ def zhang_lowrank(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, r
     smax = sigma_max_psd(XX.to(torch.float64), generator) / n  # σ_max(XX/n)
     lam = damping * smax
     B = YX.to(torch.float64) / n
-    B.add_(W.to(B), alpha=lam)  # N = YX/n + λW
-    w2 = float(torch.linalg.vector_norm(W, dtype=torch.float64)) ** 2
+    for i in range(0, m, 512):  # N = YX/n + λW, in row blocks: a float32 W would be copied whole to float64
+        B[i:i + 512].add_(W[i:i + 512].to(B), alpha=lam)
 
     def damped() -> torch.Tensor:  # A = XX/n + λI, fresh so the factor may be written into it
         A = XX.to(torch.float64) / n
@@ -94,24 +97,29 @@ def zhang_lowrank(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, r
         return A
 
     factor = psd_factor(damped, 0.0 if lam > 0 else 1e-12, top=smax + lam)
-    f = truncated_gsvd(B, None, rank, factor)
-    # every term below is taken through the factors (r x k products): with L = U V,
-    # ½⟨L A, L⟩ = ½‖L F‖² = ½ Σ_{i≤r} σ_i² and ⟨L, M⟩ = ⟨U, M Vᵀ⟩, so no m x k or k x k product is formed
-    def inner(U: torch.Tensor, V: torch.Tensor, M: torch.Tensor) -> float:
-        return float((U * (M @ V.T)).sum())
-
-    def data(U: torch.Tensor, V: torch.Tensor, LF2: float) -> float:
-        """‖Y − UV X‖²/n = yy/n − 2⟨L, YX/n⟩ + ⟨L Cxx, L⟩, with YX/n = N − λW and Cxx = A − λI."""
-        L2 = float(((U.T @ U) * (V @ V.T)).sum())
-        return yy / n - 2 * (inner(U, V, B) - lam * inner(U, V, W.to(B))) + LF2 - lam * L2
-
+    f = truncated_gsvd(B, None, rank, factor, overwrite=True)
+    del B  # now the whitened matrix, no longer needed
+    # Every term below goes through the factors, with no m x k or k x k product: L F = [B F^{-T}]_r, so
+    # ½⟨L A, L⟩ = ½‖L F‖² = ½ Σ_{i≤r} σ_i² and ⟨L, N⟩ = ⟨L F, N F^{-T}⟩ = Σ_{i≤r} σ_i² as well.
     kept = float((f.sigma ** 2).sum())
-    obj = 0.5 * kept - inner(f.U, f.V, B) + yy / (2 * n) + 0.5 * lam * w2
+    w2 = float(torch.linalg.vector_norm(W, dtype=torch.float64)) ** 2
+
+    def data(U: torch.Tensor, V: torch.Tensor, LF2: float, LN: float) -> float:
+        """‖Y − UV X‖²/n = yy/n − 2⟨L, YX/n⟩ + ⟨L Cxx, L⟩, with YX/n = N − λW and Cxx = A − λI."""
+        LW = float((U * (W.to(U) @ V.T)).sum())
+        L2 = float(((U.T @ U) * (V @ V.T)).sum())
+        return yy / n - 2 * (LN - lam * LW) + LF2 - lam * L2
+
+    obj = yy / (2 * n) + 0.5 * lam * w2 - 0.5 * kept
     rel = svd_rel = None
     if yy > 0:
-        rel = data(f.U, f.V, kept) / (yy / n)
+        rel = data(f.U, f.V, kept, kept) / (yy / n)
         Us, s, Vh = gram_svd(W.to(torch.float64), rank)  # the plain truncated SVD, for comparison
-        svd_rel = data(Us * s, Vh, float((factor.times(Vh) ** 2 * (s ** 2)[:, None]).sum())) / (yy / n)
+        VhF = factor.times(Vh)  # L_svd F = Us diag(s) Vh F;  ⟨L_svd, N⟩ = ⟨L_svd, YX/n⟩ + λ⟨L_svd, W⟩
+        LsF2 = float((VhF ** 2 * (s ** 2)[:, None]).sum())
+        LsYX = float(((Us * s).T @ YX.to(torch.float64) * Vh).sum()) / n
+        LsW = float(((Us * s).T @ W.to(torch.float64) * Vh).sum())
+        svd_rel = data(Us * s, Vh, LsF2, LsYX + lam * LsW) / (yy / n)
     return ZhangResult(f.U, f.V, obj, lam, rel, svd_rel)
 
 
