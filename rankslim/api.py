@@ -15,7 +15,7 @@ from .decompose.svd import SOLVERS
 from .errors import BudgetError, OptionError, RankslimError
 from .pipeline import (CompressionResult, allocate, build, calibrate, choose_allocator, cost_table, finalize,
                        select, speed_aware as speed_aware_table)
-from .speed_mode import MEASURE_OPTIONS, auto_decision, mac_only, speed_request
+from .speed_mode import auto_decision, mac_only, speed_request
 
 
 def compress(
@@ -255,8 +255,7 @@ def compress(
     if mode is None:
         t_measure = time.perf_counter()
         try:
-            table, check = speed_aware_table(sel, table, **{k: v for k, v in request.options.items()
-                                                           if k in MEASURE_OPTIONS})
+            table, check = speed_aware_table(sel, table, **request.measure_options)
         except Exception as exc:
             # auto mode was not asked for: a layer form that cannot be timed (a method without a rank-only
             # structure, an export failure) must not fail the compression, only the speed-aware part of it
@@ -343,7 +342,6 @@ def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budge
     Raises :class:`BudgetError` when ``speed_aware=True`` and no built model is faster."""
     from .bench import make_example
     from .pipeline import speed_aware as speed_table
-    from .speed_mode import MEASURE_OPTIONS
     from .whole_model import compare_models, describe, margins_after, time_models, timing
     t0 = time.perf_counter()
     building = [0.0]  # decomposition time: reported as "decompose", not as the check's
@@ -376,7 +374,6 @@ def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budge
                          "compress a copy to let rankslim raise the margin, or use speed_aware=False)")
         return built, allocation, table, check, {"tried": [t.to_dict()], "chosen": t.to_dict(), "notes": notes,
                                                  "seconds": seconds()}
-    measuring = {k: v for k, v in request.options.items() if k in MEASURE_OPTIONS and k != "margin"}
     tried: list[tuple[Any, Any, Any, Any, Any]] = []
     margin = check.margin
     while True:
@@ -389,7 +386,7 @@ def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budge
         if not nxt:
             break
         margin = nxt[0]
-        table, check = speed_table(sel, plain_table, margin=margin, **measuring)
+        table, check = speed_table(sel, plain_table, **{**request.measure_options, "margin": margin})
         try:
             allocation = allocate(sel, table, alloc, budget, calibration=cal, seed=seed, solver=solver,
                                   eval_fn=eval_fn)

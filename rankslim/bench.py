@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -280,11 +280,9 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor | Sequence[int
             raise RankslimError("per-layer times are measured in eager mode only")
         with tempfile.TemporaryDirectory(prefix="rankslim-bench-") as d:
             path = Path(d) / "model.onnx"
-            from .export import export_onnx
-            export_onnx(model, tuple(x.shape[1:]), path, check=False)
-            lat = measure_onnx(path, x, threads=threads, warmup=warmup, repeats=repeats)
-        lat.model_bytes = model_bytes(model)
-        return lat
+            samples, peak = _time_calls(onnx_call(model, x, path, threads), warmup, repeats)
+        med, iqr = _summary(samples)
+        return Latency("onnxruntime", b, threads, med, iqr, repeats, warmup, samples, peak, model_bytes(model))
     was = model.training
     model.eval()
     timer = _LayerTimer(model, layers) if layers else None
@@ -307,16 +305,29 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor | Sequence[int
                    timer.medians() if timer else {})
 
 
+def ort_call(path: str | os.PathLike, example_input: torch.Tensor, threads: int = 1) -> Callable[[], Any]:
+    """A no-argument call that runs the ONNX file ``path`` on ``example_input`` ``(batch, ...)`` in ONNX Runtime
+    (CPU provider, ``threads`` intra-op threads, all graph optimizations): the session and feed are made once."""
+    from .export import _ort_session
+    sess = _ort_session(path, threads)
+    feed = {sess.get_inputs()[0].name: example_input.detach().cpu().numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def onnx_call(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike,
+              threads: int = 1) -> Callable[[], Any]:
+    """:func:`ort_call` of ``model`` exported to ``path`` for inputs shaped like ``example_input``."""
+    from .export import export_onnx
+    export_onnx(model, tuple(example_input.shape[1:]), path, check=False)
+    return ort_call(path, example_input, threads)
+
+
 def measure_onnx(path: str | os.PathLike, example_input: torch.Tensor, *, threads: int = 1, warmup: int = 3,
                  repeats: int = 10) -> Latency:
     """Latency (ms per batch) and peak memory of the ONNX file ``path`` in ONNX Runtime (CPU provider,
     ``threads`` intra-op threads, all graph optimizations) on ``example_input`` ``(batch, ...)``."""
     _check_args("onnxruntime", threads, warmup, repeats)
-    from .export import _ort_session
-    sess = _ort_session(path, threads)
-    name = sess.get_inputs()[0].name
-    feed = {name: example_input.detach().cpu().numpy()}
-    samples, peak = _time_calls(lambda: sess.run(None, feed), warmup, repeats)
+    samples, peak = _time_calls(ort_call(path, example_input, threads), warmup, repeats)
     med, iqr = _summary(samples)
     return Latency("onnxruntime", int(example_input.shape[0]), threads, med, iqr, repeats, warmup, samples, peak,
                    Path(path).stat().st_size)

@@ -69,10 +69,15 @@ class SpeedRequest:
     check: bool = True
 
     @property
+    def measure_options(self) -> dict[str, Any]:
+        """The measuring options the caller gave (:data:`MEASURE_OPTIONS`, margin included)."""
+        return {k: v for k, v in self.options.items() if k in MEASURE_OPTIONS}
+
+    @property
     def measuring(self) -> dict[str, Any]:
         """runtime / batch / threads / samples with their defaults filled in (what is timed)."""
         return {"runtime": "eager", "batch": 1, "threads": 1, "samples": 8,
-                **{k: v for k, v in self.options.items() if k in MEASURE_OPTIONS and k != "margin"}}
+                **{k: v for k, v in self.measure_options.items() if k != "margin"}}
 
 
 def _check_options(opts: Mapping[str, Any]) -> dict[str, Any]:

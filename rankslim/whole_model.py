@@ -74,14 +74,10 @@ def batched(example: Inputs, batch: int) -> Inputs:
 def _runner(model: nn.Module, x: Inputs, runtime: str, threads: int, workdir: Path, tag: str) -> Callable[[], Any]:
     """A no-argument call of ``model`` on ``x`` in ``runtime`` (ONNX: exported once into ``workdir``)."""
     if runtime == "onnxruntime":
-        from .export import _ort_session, export_onnx
+        from .bench import onnx_call
         if not isinstance(x, torch.Tensor):
             raise TypeError("the onnxruntime check takes models with one tensor input")
-        path = workdir / f"{tag}.onnx"
-        export_onnx(model, tuple(x.shape[1:]), path, check=False)
-        sess = _ort_session(path, threads)
-        feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
-        return lambda: sess.run(None, feed)
+        return onnx_call(model, x, workdir / f"{tag}.onnx", threads)
 
     def call() -> Any:
         with torch.no_grad():
