@@ -27,14 +27,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 # run as a script, this file's folder comes first on sys.path and `import transformers` would import
 # benchmarks/transformers.py instead of Hugging Face's package
@@ -129,6 +132,18 @@ def calibration_tokens(samples: int, tokens: int, vocab: int) -> tuple[torch.Ten
     return ids, {"sentences": len(sentences), "vocab": len(tok.vocab), "stream_tokens": len(stream)}
 
 
+def _commit() -> str | None:
+    """The repository's HEAD (short hash, ``+`` when the tree has changes), or None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _du(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
@@ -142,8 +157,41 @@ def parse_runs(text: str) -> list[tuple[str, int | None]]:
     return out
 
 
+STAGES = ("calibrate", "cost_table", "allocate", "build")
+
+
+@contextlib.contextmanager
+def stage_peaks(record: list) -> Iterator[list]:
+    """Record the resident memory at the start, peak and end of each pipeline stage of every block
+    (``rankslim.pipeline``'s functions, wrapped while the context is open).  The peak counter is reset at
+    each stage, so the run's overall peak is kept in the yielded ``[bytes]`` instead."""
+    from rankslim import pipeline
+    saved = {n: getattr(pipeline, n) for n in STAGES}
+    best = [0]
+
+    def wrap(name: str, fn):
+        def staged(*a, **k):
+            best[0] = max(best[0], rss_bytes()[1])
+            start = rss_bytes()[0]
+            reset_peak_rss()
+            try:
+                return fn(*a, **k)
+            finally:
+                cur, peak = rss_bytes()
+                best[0] = max(best[0], peak)
+                record.append({"stage": name, "start_bytes": start, "peak_bytes": peak, "end_bytes": cur})
+        return staged
+    for n in STAGES:
+        setattr(pipeline, n, wrap(n, saved[n]))
+    try:
+        yield best
+    finally:
+        for n, fn in saved.items():
+            setattr(pipeline, n, fn)
+
+
 def stream_one(cfg, ckpt_dir: Path, out_dir: Path, ids: torch.Tensor, method: str, params: float,
-               blocks: int | None, in_memory_check: bool) -> dict:
+               blocks: int | None, in_memory_check: bool, stages: bool = False) -> dict:
     """One streamed run (``blocks``: the first N blocks only, read from the same checkpoint) and its figures."""
     import transformers
     from safetensors.torch import load_file
@@ -155,8 +203,11 @@ def stream_one(cfg, ckpt_dir: Path, out_dir: Path, ids: torch.Tensor, method: st
     load_before = os.getloadavg()[0]
     reset = reset_peak_rss()
     rss0 = rss_bytes()[0]
-    res = rankslim.compress_streamed(build, ckpt_dir, out_dir, data=ids, method=method, params=params,
-                                     calib_samples=len(ids), progress=True)
+    staged: list = []
+    with (stage_peaks(staged) if stages else contextlib.nullcontext([0])) as best:
+        res = rankslim.compress_streamed(build, ckpt_dir, out_dir, data=ids, method=method, params=params,
+                                         calib_samples=len(ids), progress=True)
+    peak = max(best[0], rss_bytes()[1]) if stages else res.peak_rss_bytes
     out_files = [out_dir / f for f in json.loads((out_dir / "streamed.json").read_text())["files"]]
     row = {
         "method": method, "blocks": cfg.num_hidden_layers, "parameters": n_params, "params_per_block": params,
@@ -168,9 +219,11 @@ def stream_one(cfg, ckpt_dir: Path, out_dir: Path, ids: torch.Tensor, method: st
         "seconds": res.seconds, "block_seconds": [b.seconds for b in res.blocks],
         "hidden_rel_error": [b.hidden_rel_error for b in res.blocks],
         "rss_after_block_bytes": [b.rss_bytes for b in res.blocks],
-        "rss_at_start_bytes": rss0, "peak_rss_bytes": res.peak_rss_bytes, "peak_reset": reset,
-        "load_before": load_before, "load_after": os.getloadavg()[0], "notes": res.notes,
+        "rss_at_start_bytes": rss0, "peak_rss_bytes": peak, "peak_reset": reset,
+        "load_before": load_before, "load_after": os.getloadavg()[0], "notes": res.notes, "commit": _commit(),
     }
+    if stages:
+        row["stages"] = staged
     if in_memory_check:
         # the small model fits in memory: the streamed result must equal the in-memory run with the same ranks
         model = build().eval()
@@ -202,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
         key = f"{method}:{blocks if blocks else 'all'}"
         print(f"--- {key}", flush=True)
         out_dir = work / f"compressed-{method}-{blocks if blocks else 'all'}"
-        runs[key] = stream_one(cfg, ckpt_dir, out_dir, ids, method, args.params, blocks, args.tiny)
+        runs[key] = stream_one(cfg, ckpt_dir, out_dir, ids, method, args.params, blocks, args.tiny, args.stages)
         if args.cleanup:
             shutil.rmtree(out_dir)  # the streamed output this run wrote
     ckpt_bytes = _du(files)  # before --cleanup deletes the files
@@ -236,6 +289,11 @@ def merge(old: dict | None, new: dict) -> dict:
     if not same:
         return new
     runs = {**old.get("runs", {}), **new["runs"]}
+    for key, row in new["runs"].items():  # a redone run keeps the figures it replaces, for the docs' history
+        prev = old.get("runs", {}).get(key)
+        if prev is not None:
+            runs[key] = {**row, "previous": [*prev.get("previous", []), {
+                k: prev.get(k) for k in ("peak_rss_bytes", "seconds", "block_seconds", "hidden_rel_error", "commit")}]}
     commands = {**old.get("commands", {}), **new["commands"]}
     return {**new, "runs": runs, "commands": commands}
 
@@ -282,54 +340,54 @@ def write_docs(res: dict, doc: Path = DOC) -> str:
         "parameters loses about as much as it keeps, while `zhang` fits the (far from white) hidden states.", ""]
     zh = [r for r in runs.values() if r["method"] != "svd" and r["blocks"] < c["num_hidden_layers"]]
     zh_full = [r for r in full if r["method"] != "svd"]
+    model_bytes = res["checkpoint_disk_bytes"]
+    pct = lambda b: f"{100 * b / model_bytes:.0f}%"  # noqa: E731
     if (zh or zh_full) and not res.get("tiny"):
-        r = zh[0] if zh else zh_full[0]
-        per = sum(r["block_seconds"]) / len(r["block_seconds"])
+        lines += ["## The data-aware run: time and peak", ""]
         if zh_full:
             f = zh_full[0]
             per_full = sum(f["block_seconds"]) / len(f["block_seconds"])
-            import re
-            cmd = next((res["commands"].get(k, "") for k, v in runs.items() if v is f), "")
-            got = re.search(r"--threads (\d+)", cmd)
-            f = {**f, "threads": f.get("threads") or (int(got.group(1)) if got else "?")}
             lines += [
-                "## The data-aware run: time and peak", "",
                 f"`zhang` streamed all {f['blocks']} blocks in **{f['seconds']['total'] / 60:.0f} min** "
-                f"({per_full:.0f} s per block, {f.get('threads', '?')} thread(s)) with a **peak of "
-                f"{_gib(f['peak_rss_bytes'])}** ({100 * f['peak_rss_bytes'] / res['checkpoint_disk_bytes']:.0f}% of the "
-                f"{_gib(res['checkpoint_disk_bytes'])} model); the one-block run on one thread took {per:.0f} s and "
-                f"peaked at {_gib(r['peak_rss_bytes'])}. The cost is dense float64 linear algebra on each layer's "
-                "`k × k` input statistics (`eigh` of the 5632-wide MLP input, SVDs of the whitened weights), "
-                "independent of the number of calibration tokens, and the same for every block.", ""]
+                f"({per_full:.0f} s per block) with a **peak of {_gib(f['peak_rss_bytes'])}**, {pct(f['peak_rss_bytes'])} "
+                f"of the {_gib(model_bytes)} model; between blocks the resident memory stays at "
+                f"{_gib(max(f['rss_after_block_bytes']))}, so a deeper model of the same width peaks at the same "
+                "figure.", ""]
         else:
+            lines += ["Run all blocks with `--runs zhang`.", ""]
+        history = [(r, p) for r in [*zh_full, *zh] for p in r.get("previous", [])]
+        if history:
+            lines += ["Earlier runs of the same command (same checkpoint and calibration), before the changes listed "
+                      "below:", "", "| run | commit | s per block | peak RSS | share of the model | hidden-state error |",
+                      "|---|---|---|---|---|---|"]
+            for r, p in [(r, None) for r in [*zh_full, *zh]] + history:
+                q = p or r
+                per = sum(q["block_seconds"]) / len(q["block_seconds"])
+                lines.append(f"| {r['blocks']} block(s){'' if p else ' (now)'} | {q.get('commit') or '?'} | {per:.0f} | "
+                             f"{_gib(q['peak_rss_bytes'])} | {pct(q['peak_rss_bytes'])} | {q['hidden_rel_error'][-1]:.4f} |")
+            lines.append("")
+        staged = next((r for r in [*zh, *zh_full] if r.get("stages")), None)
+        if staged is not None:
             lines += [
-                "## Why the data-aware run covers one block", "",
-                f"`zhang` took **{per:.0f} s per block** here, so the 22-block run would take about "
-                f"**{22 * per / 60:.0f} min** on one thread of this shared 2-core machine, too long to run here. "
-                "Its cost "
-                "is dense float64 linear algebra on each layer's `k × k` input statistics (`eigh` of the 5632-wide MLP "
-                "input, SVDs of the whitened weights), independent of the number of calibration tokens, so a smaller "
-                "calibration set does not make it fit; every block costs the same and the resident memory is flat from "
-                "block to block (see the `svd` run below), so one block measures both the per-block time and the peak. "
-                "Run all 22 blocks with `--runs zhang`.", ""]
+                f"Where the peak comes from (`--stages`, the {staged['blocks']}-block run: resident memory around each "
+                "pipeline stage of the block, the peak counter reset at each):", "",
+                "| stage | RSS at start | peak | RSS at end |", "|---|---|---|---|"]
+            for st in staged["stages"]:
+                lines.append(f"| `{st['stage']}` | {_gib(st['start_bytes'])} | {_gib(st['peak_bytes'])} | "
+                             f"{_gib(st['end_bytes'])} |")
+            lines.append("")
         lines += [
-            f"The one-block peak, **{_gib(r['peak_rss_bytes'])}** ({100 * r['peak_rss_bytes'] / res['checkpoint_disk_bytes']:.0f}% "
-            f"of the {_gib(res['checkpoint_disk_bytes'])} model), is not set by the model's size and is not "
-            "*well* under it at this width. About 1.1 GiB is the process (Python, torch, transformers: "
-            f"{_gib(r['rss_at_start_bytes'])} at the start), one block, the calibrator's copy of it and the hidden "
-            "states; the rest (~2.2 GiB, measured stage by stage: allocation spectra up to 3.2 GiB, the layers' "
-            "decompositions up to 3.7 GiB) is the float64 working set of the widest layer's data-aware solve. "
-            "With a 5632-wide MLP input every `k × k` float64 matrix is 254 MB. "
-            + (f"Two fixes took the peak from {_gib(r['previous_peak_rss_bytes_before_memory_fixes'])} to the figure "
-               "above with the same result (hidden-state error unchanged): `linalg.psd_sqrt` / `psd_inv_sqrt` hold "
-               "one root where `psd_sqrt_inv_sqrt` held both, and `zhang_lowrank` frees its undamped quadratic "
-               "terms before building the damped ones (the stage-by-stage figures above predate them). "
-               if r.get("previous_peak_rss_bytes_before_memory_fixes") else "")
-            + "The streaming "
-            "itself adds nothing per block (statistics for the allocator are computed one layer at a time, the SVD "
-            "cache's temporaries are dropped, freed heap is returned after each block: the `svd` run below peaks "
-            "at its figure above with flat resident memory). A deeper model of the same width peaks at the same "
-            "figure, so the ratio falls with depth.", ""]
+            "The process holds Python, torch and transformers before any block is read "
+            + (f"({_gib(zh_full[0]['rss_at_start_bytes'])} at the start). " if zh_full else ". ")
+            + "During a block it also holds the block, the calibrator's original copy of it, the hidden states and "
+            "each layer's float64 statistics (`XXᵀ` of the 5632-wide MLP input alone is 254 MB); the top of the peak "
+            "is the data-aware solve of that widest layer. That solve whitens through a Cholesky factor of the damped "
+            "input covariance, computed in its own storage (`rankslim.linalg.psd_factor`), and truncates the "
+            "whitened weight from the Gram matrix of its smaller side, so it holds one `k × k` float64 matrix "
+            "beside the statistics; it used to build `A^{-1/2}` from `eigh` (eigenvectors, workspace, a scaled "
+            "copy and the result: five such matrices at once, and four times the time). The allocation spectra "
+            "take the same route and are no longer kept in the SVD cache until the block is built. The solution "
+            "is the same (the hidden-state errors above agree to four digits).", ""]
     for r in full:
         lines += [f"## `{r['method']}`, all {r['blocks']} blocks: resident memory after each block", "",
                   "| block | seconds | hidden-state error | RSS after it |", "|---|---|---|---|"]
@@ -369,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per calibration sequence")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--cleanup", action="store_true", help="remove the checkpoint and output this run wrote")
+    ap.add_argument("--stages", action="store_true", help="also record each pipeline stage's resident memory "
+                    "(start, peak, end) per block")
     args = ap.parse_args(argv)
     results = RESULTS.with_name("streamed.tiny.json") if args.tiny else RESULTS
     doc = DOC.with_name("streamed.tiny.md") if args.tiny else DOC
