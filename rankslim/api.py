@@ -292,6 +292,11 @@ def compress(
         timings["whole_model_check"] = whole["seconds"]
     else:
         built = build(sel, allocation, cal, seed=seed, solver=solver, progress=progress, inplace=True)
+        if (mode is not None and mode["mode"] == "mac-only" and request.mode == "auto" and request.check
+                and budget.macs is not None and not inplace):
+            # auto chose not to measure (too slow, infeasible, failed): still say whether the result is faster
+            whole = _time_mac_only(sel, built, request)
+            timings["whole_model_check"] = whole["seconds"]
     timings["decompose"] = time.perf_counter() - t0 - timings.get("whole_model_check", 0.0)
     timings["total"] = time.perf_counter() - t_start
     # a latency budget leaves MACs free (the time model holds them), params still hold exactly
@@ -325,7 +330,8 @@ def compress(
         result.report.notes.extend(whole["notes"])
         if whole.get("chosen"):
             mode["whole_model_speedup"] = round(whole["chosen"]["speedup"], 3)
-            mode["margin"] = whole["chosen"]["margin"]
+            if whole["chosen"]["margin"] is not None:
+                mode["margin"] = whole["chosen"]["margin"]
     result.report.metrics["allocation_mode"] = mode
     if finetune_epochs:
         from .target import finetune_compressed
@@ -334,13 +340,40 @@ def compress(
     return result
 
 
+def _timing_example(sel) -> Any:
+    """One sample to time whole models on: the selection's example, random where it is a float tensor (zeros or a
+    constant would make activations sparse and flatter the timings)."""
+    from .bench import make_example
+    ex = sel.example
+    if ex is None or (isinstance(ex, torch.Tensor) and ex.is_floating_point()):
+        ex = make_example(sel.input_shape, 1)
+    return ex
+
+
+def _time_mac_only(sel, built, request) -> dict[str, Any]:
+    """Time a MAC-only model that auto mode fell back to against the original (no retries: the layers were never
+    measured), so the report says when it is slower.  The ``report.metrics["whole_model"]`` record."""
+    from .whole_model import compare_models, describe
+    t0 = time.perf_counter()
+    m = request.measuring
+    ex = _timing_example(sel)
+    if m["runtime"] == "onnxruntime" and not isinstance(ex, torch.Tensor):
+        return {"tried": [], "chosen": None, "seconds": 0.0,
+                "notes": ["whole-model check skipped: onnxruntime timing takes models with one tensor input"]}
+    t = compare_models(sel.original, built.model, ex, runtime=m["runtime"], batch=m["batch"], threads=m["threads"],
+                       margin=None)
+    notes = [] if t.faster else [
+        f"warning: {describe(t)}: this MAC-only model is not faster than the original (auto mode did not measure "
+        "the layers); speed_aware=True (--speed-aware) factorizes only layers measured faster"]
+    return {"tried": [t.to_dict()], "chosen": t.to_dict(), "notes": notes, "seconds": time.perf_counter() - t0}
+
+
 def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budget, request, *, inplace: bool,
                    seed: int, solver: str, progress: bool, eval_fn) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     """Build the speed-aware allocation and time it against the original (:mod:`rankslim.whole_model`); when it is
     not faster, raise the margin, allocate and build again.  Returns ``(built, allocation, table, check, whole)``
     of the model kept (the fastest that meets the budget) and the ``report.metrics["whole_model"]`` record.
     Raises :class:`BudgetError` when ``speed_aware=True`` and no built model is faster."""
-    from .bench import make_example
     from .pipeline import speed_aware as speed_table
     from .whole_model import compare_models, describe, margins_after, time_models, timing
     t0 = time.perf_counter()
@@ -354,9 +387,7 @@ def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budge
 
     def seconds() -> float:
         return time.perf_counter() - t0 - building[0]
-    ex = sel.example
-    if ex is None or (isinstance(ex, torch.Tensor) and ex.is_floating_point()):
-        ex = make_example(sel.input_shape, 1)  # random rather than zeros: sparse activations would flatter
+    ex = _timing_example(sel)
     timed_on = dict(runtime=check.runtime, batch=check.batch, threads=check.threads)
     notes: list[str] = []
     if check.runtime == "onnxruntime" and not isinstance(ex, torch.Tensor):

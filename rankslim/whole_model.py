@@ -45,12 +45,13 @@ MAX_REPEATS = 15
 @dataclass
 class WholeModelTiming:
     """One whole-model comparison: medians (ms per batch) of the original and the compressed model, their ratio
-    ``speedup = original_ms / compressed_ms``, the margin whose allocation was built, and how it was timed."""
+    ``speedup = original_ms / compressed_ms``, the margin whose allocation was built (``None``: a MAC-only
+    allocation, no margin), and how it was timed."""
 
     original_ms: float
     compressed_ms: float
     speedup: float
-    margin: float
+    margin: float | None
     runtime: str
     batch: int
     threads: int
@@ -127,7 +128,7 @@ def time_models(models: list[nn.Module], example: Inputs, *, runtime: str = "eag
 
 
 def compare_models(original: nn.Module, compressed: nn.Module, example: Inputs, *, runtime: str = "eager",
-                   batch: int = 1, threads: int = 1, margin: float = 0.0,
+                   batch: int = 1, threads: int = 1, margin: float | None = 0.0,
                    check_seconds: float = CHECK_SECONDS) -> WholeModelTiming:
     """:func:`time_models` of ``original`` and ``compressed`` as a :class:`WholeModelTiming` (``margin`` is only
     recorded)."""
@@ -136,18 +137,20 @@ def compare_models(original: nn.Module, compressed: nn.Module, example: Inputs, 
     return timing(o, c, margin=margin, runtime=runtime, batch=batch, threads=threads, calls=calls)
 
 
-def timing(original_ms: float, compressed_ms: float, *, margin: float, runtime: str, batch: int, threads: int,
+def timing(original_ms: float, compressed_ms: float, *, margin: float | None, runtime: str, batch: int, threads: int,
            calls: int) -> WholeModelTiming:
     """A :class:`WholeModelTiming` from two medians (ms per batch)."""
     return WholeModelTiming(float(original_ms), float(compressed_ms),
-                            float(original_ms / compressed_ms) if compressed_ms > 0 else float("inf"), float(margin),
+                            float(original_ms / compressed_ms) if compressed_ms > 0 else float("inf"),
+                            None if margin is None else float(margin),
                             runtime, int(batch), int(threads), int(calls))
 
 
 def describe(t: WholeModelTiming) -> str:
     """``whole model measured 1.23x (12.1 -> 9.8 ms per batch of 32, eager, 1 thread(s), margin 15%)``."""
     return (f"whole model measured {t.speedup:.2f}x ({t.original_ms:.3g} -> {t.compressed_ms:.3g} ms per batch of "
-            f"{t.batch}, {t.runtime}, {t.threads} thread(s), layer margin {t.margin:.0%})")
+            f"{t.batch}, {t.runtime}, {t.threads} thread(s)"
+            + (")" if t.margin is None else f", layer margin {t.margin:.0%})"))
 
 
 def margins_after(margin: float) -> list[float]:

@@ -104,6 +104,27 @@ def test_never_faster_refuses_when_forced_and_warns_under_auto(layers_timed, mon
     assert _macs_ok(res, net, 0.5)
 
 
+def test_auto_falling_back_to_mac_only_still_times_the_model(layers_timed, monkeypatch):
+    monkeypatch.delenv("RANKSLIM_SPEED_AWARE", raising=False)
+    net = _net()
+    calls = _whole(monkeypatch, [0.9])
+    # measuring the layers is estimated above max_seconds=0: auto allocates by MACs, then times the model once
+    res = rankslim.compress(net, macs=0.5, input_shape=SHAPE, speed_aware={"mode": "auto", "max_seconds": 0})
+    mode, whole = res.report.metrics["allocation_mode"], res.report.metrics["whole_model"]
+    assert mode["mode"] == "mac-only" and mode["whole_model_speedup"] == pytest.approx(0.9)
+    assert calls == [2] and whole["chosen"]["margin"] is None  # once, no retries: the layers were never timed
+    assert any(n.startswith("warning: whole model measured 0.90x") and "MAC-only" in n for n in res.report.notes)
+    assert _macs_ok(res, net, 0.5)
+    calls = _whole(monkeypatch, [1.3])
+    res = rankslim.compress(net, macs=0.5, input_shape=SHAPE, speed_aware={"mode": "auto", "max_seconds": 0})
+    assert calls == [2] and not any(n.startswith("warning: whole model") for n in res.report.notes)
+    # a params budget and an explicit speed_aware=False are not timed
+    calls = _whole(monkeypatch, [0.9])
+    rankslim.compress(net, params=0.5, input_shape=SHAPE, speed_aware={"mode": "auto", "max_seconds": 0})
+    rankslim.compress(net, macs=0.5, input_shape=SHAPE, speed_aware=False)
+    assert calls == []
+
+
 def test_check_false_skips_it_and_bad_values_are_refused(layers_timed, monkeypatch):
     calls = _whole(monkeypatch, [0.5])
     res = rankslim.compress(_net(), macs=0.5, input_shape=SHAPE, speed_aware={"check": False})
