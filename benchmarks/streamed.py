@@ -191,7 +191,7 @@ def stage_peaks(record: list) -> Iterator[list]:
 
 
 def stream_one(cfg, ckpt_dir: Path, out_dir: Path, ids: torch.Tensor, method: str, params: float,
-               blocks: int | None, in_memory_check: bool, stages: bool = False) -> dict:
+               blocks: int | None, in_memory_check: bool, stages: bool = False, compact_heap: bool = True) -> dict:
     """One streamed run (``blocks``: the first N blocks only, read from the same checkpoint) and its figures."""
     import transformers
     from safetensors.torch import load_file
@@ -206,7 +206,7 @@ def stream_one(cfg, ckpt_dir: Path, out_dir: Path, ids: torch.Tensor, method: st
     staged: list = []
     with (stage_peaks(staged) if stages else contextlib.nullcontext([0])) as best:
         res = rankslim.compress_streamed(build, ckpt_dir, out_dir, data=ids, method=method, params=params,
-                                         calib_samples=len(ids), progress=True)
+                                         calib_samples=len(ids), progress=True, compact_heap=compact_heap)
     peak = max(best[0], rss_bytes()[1]) if stages else res.peak_rss_bytes
     out_files = [out_dir / f for f in json.loads((out_dir / "streamed.json").read_text())["files"]]
     row = {
@@ -221,6 +221,7 @@ def stream_one(cfg, ckpt_dir: Path, out_dir: Path, ids: torch.Tensor, method: st
         "rss_after_block_bytes": [b.rss_bytes for b in res.blocks],
         "rss_at_start_bytes": rss0, "peak_rss_bytes": peak, "peak_reset": reset,
         "load_before": load_before, "load_after": os.getloadavg()[0], "notes": res.notes, "commit": _commit(),
+        "compact_heap": compact_heap,
     }
     if stages:
         row["stages"] = staged
@@ -255,7 +256,8 @@ def run(args: argparse.Namespace) -> dict:
         key = f"{method}:{blocks if blocks else 'all'}"
         print(f"--- {key}", flush=True)
         out_dir = work / f"compressed-{method}-{blocks if blocks else 'all'}"
-        runs[key] = stream_one(cfg, ckpt_dir, out_dir, ids, method, args.params, blocks, args.tiny, args.stages)
+        runs[key] = stream_one(cfg, ckpt_dir, out_dir, ids, method, args.params, blocks, args.tiny, args.stages,
+                               not args.no_compact_heap)
         if args.cleanup:
             shutil.rmtree(out_dir)  # the streamed output this run wrote
     ckpt_bytes = _du(files)  # before --cleanup deletes the files
@@ -427,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per calibration sequence")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--cleanup", action="store_true", help="remove the checkpoint and output this run wrote")
+    ap.add_argument("--no-compact-heap", action="store_true", help="leave glibc's malloc thresholds dynamic "
+                    "(compress_streamed(compact_heap=False), the API's default)")
     ap.add_argument("--stages", action="store_true", help="also record each pipeline stage's resident memory "
                     "(start, peak, end) per block")
     args = ap.parse_args(argv)

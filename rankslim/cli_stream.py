@@ -44,6 +44,9 @@ def compress_streamed_cmd(
     method_option: list[str] = typer.Option([], "--method-option", "-M", help="method option key=value, repeatable"),
     allocator_option: list[str] = typer.Option([], "--allocator-option", "-A",
                                                help="allocator option key=value, repeatable"),
+    compact_heap: bool = typer.Option(True, "--compact-heap/--no-compact-heap",
+                                      help="fix glibc's malloc thresholds for this run so that freed temporaries do not "
+                                           "fragment the heap and raise the peak block after block"),
 ) -> None:
     """Compress a model bigger than memory one block at a time from its safetensors CHECKPOINT (budgets per block)."""
     from .cli import _options, _ranks, cli_errors, console
@@ -65,7 +68,7 @@ def compress_streamed_cmd(
             exclude=exclude or None, calib_samples=calib_samples, sequential=sequential, seed=seed,
             method_options=_options(method_option, "--method-option"),
             allocator_options=_options(allocator_option, "--allocator-option"),
-            progress=lambda line: console.print(Text(line)))
+            progress=lambda line: console.print(Text(line)), compact_heap=compact_heap)
         before = sum(b.target_params_before for b in result.blocks)
         after = sum(b.target_params_after for b in result.blocks)
         console.print(f"{len(result.blocks)} blocks of {result.blocks_path}: {after:,} of {before:,} target parameters "

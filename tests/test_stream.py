@@ -213,17 +213,42 @@ def test_output_directory_rules(llama, tmp_path):
         rankslim.load_streamed(foreign, build)
 
 
-def test_cli(llama, tmp_path):
+def _heap_calls(monkeypatch) -> list:
+    """Record compact_heap's mallopt calls instead of changing the test process's heap."""
+    calls: list = []
+    monkeypatch.setattr(stream, "fix_heap_thresholds", lambda *a: calls.append(a) or True)
+    return calls
+
+
+def test_compact_heap_is_asked_for_and_changes_nothing_else(llama, tmp_path, monkeypatch):
+    model, ckpt, ids = llama
+    calls = _heap_calls(monkeypatch)
+    plain = rankslim.compress_streamed(build, ckpt, tmp_path / "a", data=ids, method="zhang", ratio=0.5)
+    assert calls == [] and not any("compact heap" in n for n in plain.notes)  # the API leaves the process alone
+    compact = rankslim.compress_streamed(build, ckpt, tmp_path / "b", data=ids, method="zhang", ratio=0.5,
+                                         compact_heap=True)
+    assert calls == [stream.COMPACT_HEAP] and any(n.startswith("compact heap: glibc") for n in compact.notes)
+    a, b = (logits(rankslim.load_streamed(tmp_path / d, build), ids) for d in ("a", "b"))
+    assert torch.equal(a, b)
+
+
+def test_cli(llama, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from rankslim.cli import app
     _, ckpt, ids = llama
     torch.save(ids, tmp_path / "ids.pt")
     runner = CliRunner()
+    calls = _heap_calls(monkeypatch)
     r = runner.invoke(app, ["compress-streamed", str(ckpt), "--data", str(tmp_path / "ids.pt"), "--out",
                             str(tmp_path / "out"), "--method", "zhang", "--params", "0.5"])
     assert r.exit_code == 0, r.output
     assert "hidden-state error" in r.output and (tmp_path / "out" / "streamed.json").is_file()
+    assert calls == [stream.COMPACT_HEAP] and "compact heap" in r.output  # the CLI's process is its own
+    r = runner.invoke(app, ["compress-streamed", str(ckpt), "--data", str(tmp_path / "ids.pt"), "--out",
+                            str(tmp_path / "o3"), "--ratio", "0.5", "--no-compact-heap"])
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1
     r = runner.invoke(app, ["compress-streamed", str(ckpt), "--data", str(tmp_path / "ids.pt"), "--out",
                             str(tmp_path / "o2"), "--ratio", "0.5", "--blocks", "model.nope"])
     assert r.exit_code == 2 and "error:" in r.output and "names no submodule" in r.output
