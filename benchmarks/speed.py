@@ -278,6 +278,8 @@ def main() -> None:
                     help="start no new configuration after this many minutes (the rest is listed as not run)")
     ap.add_argument("--models", default=None, help="comma-separated model specs (default: the full list)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,32)")
+    ap.add_argument("--runtimes", default=None, help="comma-separated runtimes (default: eager,onnxruntime; "
+                    "eager-cl: channels-last PyTorch)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the existing JSON's rows of other models / batches and replace only those measured now")
     args = ap.parse_args()
@@ -301,18 +303,20 @@ def main() -> None:
         cfg["models"] = [m for m in args.models.split(",") if m]
     if args.batches:
         cfg["batches"] = [int(b) for b in args.batches.split(",") if b]
+    if args.runtimes:
+        cfg["runtimes"] = [r for r in args.runtimes.split(",") if r]
     old = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
     data = run(cfg, out_path, args.max_minutes)
     skipped = [b for b in FULL["batches"] if b not in cfg["batches"]]
     data["not_run"] += [{"model": mdl, "macs_budget": f, "runtime": rt, "batch": b, "why": "--batches"}
                         for mdl in cfg["models"] for f in cfg["budgets"] for rt in cfg["runtimes"] for b in skipped]
     if old is not None:
-        measured = {(r["model"], r["batch"]) for r in data["rows"]}
-        kept = [r for r in old["rows"] if (r["model"], r["batch"]) not in measured]
+        measured = {(r["model"], r["runtime"], r["batch"]) for r in data["rows"]}
+        kept = [r for r in old["rows"] if (r["model"], r["runtime"], r["batch"]) not in measured]
         data["rows"] = kept + data["rows"]
         data["merged_from_earlier_runs"] = sorted({r["model"] for r in kept})
         data["not_run"] = [n for n in old.get("not_run", []) + data["not_run"]
-                           if (n["model"], n["batch"]) not in measured]
+                           if (n["model"], n["runtime"], n["batch"]) not in measured]
         from rankslim.train.loop import atomic_write_bytes
         atomic_write_bytes(out_path, json.dumps(data, indent=1).encode())
     if args.smoke:

@@ -36,7 +36,28 @@ from torch import nn
 
 from .errors import RankslimError
 
-RUNTIMES = ("eager", "onnxruntime")
+#: ``eager``: PyTorch as the model is; ``eager-cl``: PyTorch with 4-D weights and inputs in channels-last memory
+#: format (a copy of the model: the deployment layout oneDNN convolutions run without reorders);
+#: ``onnxruntime``: exported to ONNX, CPU provider, all graph optimizations
+RUNTIMES = ("eager", "eager-cl", "onnxruntime")
+
+
+def channels_last(model: nn.Module, x: Any) -> tuple[nn.Module, Any]:
+    """A copy of ``model`` with its 4-D parameters and buffers in channels-last memory format, and ``x`` with its
+    4-D tensors converted (other tensors, and models without convolutions, are unchanged).  The ``eager-cl``
+    runtime times these; the user's model is never converted."""
+    import copy
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def conv(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+        if isinstance(t, (tuple, list)):
+            return type(t)(conv(v) for v in t)
+        if isinstance(t, dict):
+            return {k: conv(v) for k, v in t.items()}
+        return t
+    return cl, conv(x)
 
 
 @dataclass
@@ -283,6 +304,8 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor | Sequence[int
             samples, peak = _time_calls(onnx_call(model, x, path, threads), warmup, repeats)
         med, iqr = _summary(samples)
         return Latency("onnxruntime", b, threads, med, iqr, repeats, warmup, samples, peak, model_bytes(model))
+    if runtime == "eager-cl":
+        model, x = channels_last(model, x)
     was = model.training
     model.eval()
     timer = _LayerTimer(model, layers) if layers else None
@@ -301,7 +324,7 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor | Sequence[int
             timer.remove()
         model.train(was)
     med, iqr = _summary(samples)
-    return Latency("eager", b, threads, med, iqr, repeats, warmup, samples, peak, model_bytes(model),
+    return Latency(runtime, b, threads, med, iqr, repeats, warmup, samples, peak, model_bytes(model),
                    timer.medians() if timer else {})
 
 
@@ -470,7 +493,7 @@ def compare(original: nn.Module, compressed: nn.Module | None, input_shape: Sequ
     for rt in runtimes:
         for b in batches:
             x = make_example(input_shape, b)
-            lay = layers if rt == "eager" else None
+            lay = layers if rt != "onnxruntime" else None
             lo = measure_latency(original, x, runtime=rt, threads=threads, warmup=warmup, repeats=repeats, layers=lay)
             row: dict[str, Any] = {"runtime": rt, "batch": int(b), "original": lo.to_dict(), "compressed": None}
             if compressed is not None:
@@ -496,6 +519,6 @@ def add_latency(report, original: nn.Module, compressed: nn.Module, input_shape:
     return d
 
 
-__all__ = ["BenchResult", "Latency", "RUNTIMES", "add_latency", "compare", "efficiency", "give_back_memory",
+__all__ = ["BenchResult", "Latency", "RUNTIMES", "add_latency", "channels_last", "compare", "efficiency", "give_back_memory",
            "latency_markdown", "layer_macs", "machine_info", "make_example", "measure_latency", "measure_onnx",
            "model_bytes", "peak_rss_growth", "reset_peak_rss", "rss_bytes", "torch_threads", "total_macs"]

@@ -129,7 +129,7 @@ def _option_error(exc: Exception, method_option: list[str], allocator_option: li
 
 
 def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_seconds: Optional[float],
-                  check: bool = True):
+                  check: bool = True, runtime: Optional[str] = None):
     """``compress(speed_aware=...)`` from the tri-state flags: ``--speed-aware`` on, ``--mac-only`` off, neither
     auto; options that cannot apply to the chosen state are refused (they would be silently ignored)."""
     if mac_only and not check:
@@ -138,8 +138,9 @@ def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_s
     if speed_aware and mac_only:
         raise RankslimError("--speed-aware and --mac-only contradict each other: pass one of them, or neither for "
                             "auto (speed-aware for a --macs budget when measuring is cheap)")
-    if mac_only and (batch is not None or max_seconds is not None):
-        flag = "--speed-batch" if batch is not None else "--speed-max-seconds"
+    if mac_only and (batch is not None or max_seconds is not None or runtime is not None):
+        flag = ("--speed-batch" if batch is not None else "--speed-runtime" if runtime is not None
+                else "--speed-max-seconds")
         raise RankslimError(f"{flag} sets how speed-aware allocation measures, which --mac-only turns off: drop one "
                             "of them")
     if speed_aware and max_seconds is not None:
@@ -147,7 +148,7 @@ def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_s
                             "costs: drop one of them")
     if mac_only:
         return False
-    opts = {k: v for k, v in (("batch", batch), ("max_seconds", max_seconds)) if v is not None}
+    opts = {k: v for k, v in (("runtime", runtime), ("batch", batch), ("max_seconds", max_seconds)) if v is not None}
     if not check:
         opts["check"] = False
     if speed_aware:
@@ -234,6 +235,9 @@ def compress(
                                   help="never measure: allocate ranks by MACs/params alone"),
     speed_batch: Optional[int] = typer.Option(None, "--speed-batch",
                                               help="batch size the speed-aware timings use (default 1)"),
+    speed_runtime: Optional[str] = typer.Option(None, "--speed-runtime",
+                                                help="runtime the speed-aware timings use: eager (default), eager-cl "
+                                                     "(channels-last PyTorch) or onnxruntime"),
     speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
                                      help="speed-aware mode: time the built model against the original and, when it "
                                           "is not faster, keep more layers dense (default on; see docs/speed.md)"),
@@ -278,7 +282,7 @@ def compress(
     from .zoo import resolve_model
 
     with cli_errors():
-        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds, speed_check)
+        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds, speed_check, speed_runtime)
         latency_fraction = _latency_budget(latency_budget)
         if model is None:
             # the bundled main job: reference ResNet-20, half the MACs, stem kept dense, BatchNorm re-estimated

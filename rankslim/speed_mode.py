@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .bench import RUNTIMES
 from .errors import OptionError
 
 #: environment variable read when ``speed_aware`` is "auto": ``auto`` (or empty), ``on`` or ``off``
@@ -42,13 +43,12 @@ MEASURE_MACS_PER_SECOND = 4e9
 #: Fixed seconds per timed layer form on top of its MACs: building and filling the layer, the timing loop's
 #: peak-memory probe and Python call overhead (eager); exporting the layer to ONNX and opening a session
 #: (onnxruntime, by far the larger).  Guesses on the safe side, like the throughput.
-MODULE_OVERHEAD_SECONDS = {"eager": 0.005, "onnxruntime": 0.1}
+MODULE_OVERHEAD_SECONDS = {"eager": 0.005, "eager-cl": 0.005, "onnxruntime": 0.1}
 #: Methods whose layers cannot be built from a rank alone (Tucker-2, TT, L + S) are decomposed for real at every
 #: sampled rank before timing: about this many MACs per weight entry per smaller side (an SVD-like cost).
 DECOMPOSE_MACS_PER_ENTRY_RANK = 4
 #: measuring options ``pipeline.speed_aware`` takes
 MEASURE_OPTIONS = ("runtime", "batch", "threads", "margin", "samples")
-RUNTIMES = ("eager", "onnxruntime")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ def _runner(model: nn.Module, x: Inputs, runtime: str, threads: int, workdir: Pa
         if not isinstance(x, torch.Tensor):
             raise TypeError("the onnxruntime check takes models with one tensor input")
         return onnx_call(model, x, workdir / f"{tag}.onnx", threads)
+    if runtime == "eager-cl":
+        from .bench import channels_last
+        model, x = channels_last(model, x)
 
     def call() -> Any:
         with torch.no_grad():

@@ -28,14 +28,28 @@ def _check_latency(d, runtime, batch, threads, repeats):
     assert d["peak_mem_bytes"] is None or d["peak_mem_bytes"] >= 0
 
 
-@pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("runtime", ["eager", "eager-cl", "onnxruntime"])
 def test_measure_latency_structure(runtime, tiny_net):
     before = torch.get_num_threads()
     lat = measure_latency(tiny_net.train(), (1, 8, 8), runtime=runtime, threads=2, batch=3, warmup=1, repeats=4)
     _check_latency(lat.to_dict(), runtime, 3, 2, 4)
     assert torch.get_num_threads() == before and tiny_net.training  # threads and training mode restored
     params = sum(p.numel() * 4 for p in tiny_net.parameters())
-    assert lat.model_bytes >= (params if runtime == "eager" else 0.5 * params)
+    assert lat.model_bytes >= (params if runtime != "onnxruntime" else 0.5 * params)
+    assert tiny_net.conv1.weight.is_contiguous()  # eager-cl times a channels-last copy, never the user's model
+
+
+def test_channels_last_copy_computes_the_same():
+    from rankslim.bench import channels_last
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    cl, xc = channels_last(net, (x, torch.ones(3)))
+    assert cl is not net and net[0].weight.is_contiguous()
+    assert cl[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert xc[0].is_contiguous(memory_format=torch.channels_last) and xc[1].dim() == 1
+    with torch.no_grad():
+        assert torch.allclose(cl(xc[0]), net(x), atol=1e-6)
 
 
 def test_per_layer_times_are_inside_the_total(tiny_net):

@@ -274,11 +274,14 @@ def test_cli_flags_reach_the_api(auto, monkeypatch, tmp_path):
     monkeypatch.setattr(api, "compress", spy)
     _fake_timer(monkeypatch)
     for args in ([], ["--speed-aware"], ["--speed-aware", "--speed-batch", "2"], ["--mac-only"],
-                 ["--speed-batch", "2"], ["--speed-aware", "--no-speed-check"], ["--speed-max-seconds", "0"]):
+                 ["--speed-batch", "2"], ["--speed-aware", "--no-speed-check"],
+                 ["--speed-aware", "--speed-runtime", "eager-cl"], ["--speed-max-seconds", "0"]):
         r, _ = _cli(tmp_path, "--macs", "0.5", *args)
         assert r.exit_code == 0, r.output
+        if "eager-cl" in args:
+            assert "allocation: speed-aware (eager-cl" in r.output
     assert seen == ["auto", True, {"batch": 2}, False, {"mode": "auto", "batch": 2}, {"check": False},
-                    {"mode": "auto", "max_seconds": 0.0}]
+                    {"runtime": "eager-cl"}, {"mode": "auto", "max_seconds": 0.0}]
     # the threshold reaches auto mode: 0 s is too little for the measuring TinyNet needs ... unless cached
     assert "allocation: speed-aware" in r.output and "all timings cached" in r.output
 
@@ -298,6 +301,8 @@ def test_cli_params_budget_says_no_mac_budget(auto, tmp_path):
     (["--speed-aware", "--speed-max-seconds", "5"], "threshold of auto mode"),
     (["--speed-aware", "--ranks", "4"], "ranks"),
     (["--speed-batch", "0"], "positive integer"),
+    (["--speed-runtime", "tensorrt"], "runtime must be one of eager, eager-cl, onnxruntime"),
+    (["--mac-only", "--speed-runtime", "eager-cl"], "--speed-runtime"),
 ])
 def test_cli_bad_combinations_are_one_line_exit_2(auto, tmp_path, args, needle):
     r, out = _cli(tmp_path, *(["--macs", "0.5"] if "--ranks" not in args else []), *args)
