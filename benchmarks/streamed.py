@@ -133,7 +133,12 @@ def calibration_tokens(samples: int, tokens: int, vocab: int) -> tuple[torch.Ten
 
 
 def _commit() -> str | None:
-    """The repository's HEAD (short hash, ``+`` when the tree has changes), or None outside a git checkout."""
+    """The repository's HEAD (short hash, ``+`` when the tree has changes), or None outside a git checkout.
+    Read once, when the script starts: the code a run imports is the code of that moment."""
+    return _COMMIT
+
+
+def _read_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -142,6 +147,9 @@ def _commit() -> str | None:
         return head + ("+" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+_COMMIT = _read_commit()
 
 
 def _du(paths) -> int:
@@ -389,7 +397,11 @@ def write_docs(res: dict, doc: Path = DOC) -> str:
             "beside the statistics; it used to build `A^{-1/2}` from `eigh` (eigenvectors, workspace, a scaled "
             "copy and the result: five such matrices at once, and four times the time). The allocation spectra "
             "take the same route and are no longer kept in the SVD cache until the block is built. The solution "
-            "is the same (the hidden-state errors above agree to four digits).", ""]
+            "is the same (the hidden-state errors above agree to four digits)."
+            + (" The runs now fix glibc's malloc thresholds (`compress_streamed(compact_heap=True)`, the CLI's "
+               "default): with them left dynamic, one block's freed float64 temporaries fragmented the heap for the "
+               "next and the peak grew from block to block (the 7b10a78 row)."
+               if any(r.get("compact_heap") for r in [*zh, *zh_full]) else ""), ""]
     for r in full:
         lines += [f"## `{r['method']}`, all {r['blocks']} blocks: resident memory after each block", "",
                   "| block | seconds | hidden-state error | RSS after it |", "|---|---|---|---|"]
