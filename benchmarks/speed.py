@@ -167,6 +167,19 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
     return out
 
 
+def drop_measured_not_run(data: dict) -> None:
+    """Remove the ``not_run`` entries whose (model, runtime, batch) has rows: after ``--merge`` an earlier run may
+    have measured what this one left out (and duplicates go)."""
+    have = {(r["model"], r["runtime"], r["batch"]) for r in data["rows"]}
+    seen, keep = set(), []
+    for n in data["not_run"]:
+        key = (n["model"], n["macs_budget"], n["runtime"], n["batch"])
+        if (n["model"], n["runtime"], n["batch"]) not in have and key not in seen:
+            seen.add(key)
+            keep.append(n)
+    data["not_run"] = keep
+
+
 def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
     """Write the Markdown table and the speedup plot from a results dict."""
     m = data["machine"]
@@ -328,8 +341,8 @@ def main() -> None:
         kept = [r for r in old["rows"] if (r["model"], r["runtime"], r["batch"]) not in measured]
         data["rows"] = kept + data["rows"]
         data["merged_from_earlier_runs"] = sorted({r["model"] for r in kept})
-        data["not_run"] = [n for n in old.get("not_run", []) + data["not_run"]
-                           if (n["model"], n["runtime"], n["batch"]) not in measured]
+        data["not_run"] = old.get("not_run", []) + data["not_run"]
+        drop_measured_not_run(data)
         from rankslim.train.loop import atomic_write_bytes
         atomic_write_bytes(out_path, json.dumps(data, indent=1).encode())
     if args.smoke:

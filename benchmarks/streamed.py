@@ -367,8 +367,8 @@ def write_docs(res: dict, doc: Path = DOC) -> str:
             lines += ["Run all blocks with `--runs zhang`.", ""]
         history = [(r, p) for r in [*zh_full, *zh] for p in r.get("previous", [])]
         if history:
-            lines += ["Earlier runs of the same command (same checkpoint and calibration), before the changes listed "
-                      "below:", "", "| run | commit | s per block | peak RSS | share of the model | hidden-state error |",
+            lines += ["The runs above (now) and earlier runs of the same command (same checkpoint and calibration; "
+                      "the one-block run at bd8dd58 used one thread), before the changes described below:", "", "| run | commit | s per block | peak RSS | share of the model | hidden-state error |",
                       "|---|---|---|---|---|---|"]
             for r, p in [(r, None) for r in [*zh_full, *zh]] + history:
                 q = p or r
