@@ -168,13 +168,13 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
 
 
 def drop_measured_not_run(data: dict) -> None:
-    """Remove the ``not_run`` entries whose (model, runtime, batch) has rows: after ``--merge`` an earlier run may
-    have measured what this one left out (and duplicates go)."""
-    have = {(r["model"], r["runtime"], r["batch"]) for r in data["rows"]}
+    """Remove the ``not_run`` entries whose (model, budget, runtime, batch) has rows: after ``--merge`` an earlier run
+    may have measured what this one left out (and duplicates go)."""
+    have = {(r["model"], r["macs_budget"], r["runtime"], r["batch"]) for r in data["rows"]}
     seen, keep = set(), []
     for n in data["not_run"]:
         key = (n["model"], n["macs_budget"], n["runtime"], n["batch"])
-        if (n["model"], n["runtime"], n["batch"]) not in have and key not in seen:
+        if key not in have and key not in seen:
             seen.add(key)
             keep.append(n)
     data["not_run"] = keep
