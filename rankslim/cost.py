@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Union
+from typing import Iterable, Iterator, Union
 
 import torch
 from torch import nn

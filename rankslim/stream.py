@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .allocate import Budget
-from .bench import fix_heap_thresholds, give_back_memory, reset_peak_rss, rss_bytes
+from .bench import fix_heap_thresholds, give_back_memory, rss_bytes
 from .errors import BudgetError, CheckpointError, DataError, OptionError, RankslimError
 from .plan import PLAN_METADATA_KEY, LayerPlan, Plan, apply_plan, attach_plan, check_plan
 from .outputs import _tmp_name

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
 import rankslim
 from rankslim.allocate import ALLOCATORS, get_allocator

@@ -5,7 +5,6 @@ attention path off, on the same token example), with finite outputs and exact sa
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
