@@ -350,6 +350,14 @@ def _timing_example(sel) -> Any:
     return ex
 
 
+def _ort_untimeable(runtime: str, ex: Any) -> dict[str, Any] | None:
+    """The ``whole_model`` record of a check that cannot run (onnxruntime needs one tensor input), else None."""
+    if runtime == "onnxruntime" and not isinstance(ex, torch.Tensor):
+        return {"tried": [], "chosen": None, "seconds": 0.0,
+                "notes": ["whole-model check skipped: onnxruntime timing takes models with one tensor input"]}
+    return None
+
+
 def _time_mac_only(sel, built, request) -> dict[str, Any]:
     """Time a MAC-only model that auto mode fell back to against the original (no retries: the layers were never
     measured), so the report says when it is slower.  The ``report.metrics["whole_model"]`` record."""
@@ -357,9 +365,9 @@ def _time_mac_only(sel, built, request) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = request.measuring
     ex = _timing_example(sel)
-    if m["runtime"] == "onnxruntime" and not isinstance(ex, torch.Tensor):
-        return {"tried": [], "chosen": None, "seconds": 0.0,
-                "notes": ["whole-model check skipped: onnxruntime timing takes models with one tensor input"]}
+    skipped = _ort_untimeable(m["runtime"], ex)
+    if skipped is not None:
+        return skipped
     t = compare_models(sel.original, built.model, ex, runtime=m["runtime"], batch=m["batch"], threads=m["threads"],
                        margin=None)
     notes = [] if t.faster else [
@@ -390,11 +398,9 @@ def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budge
     ex = _timing_example(sel)
     timed_on = dict(runtime=check.runtime, batch=check.batch, threads=check.threads)
     notes: list[str] = []
-    if check.runtime == "onnxruntime" and not isinstance(ex, torch.Tensor):
-        built = build_timed(allocation, True)
-        notes.append("whole-model check skipped: onnxruntime timing takes models with one tensor input")
-        return built, allocation, table, check, {"tried": [], "chosen": None, "notes": notes,
-                                                 "seconds": seconds()}
+    skipped = _ort_untimeable(check.runtime, ex)
+    if skipped is not None:
+        return build_timed(allocation, True), allocation, table, check, {**skipped, "seconds": seconds()}
     if inplace:  # the original is about to be modified: time it first, then the built model, no retries
         (orig_ms,), _ = time_models([sel.model], ex, **timed_on)
         built = build_timed(allocation, True)

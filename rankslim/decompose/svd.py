@@ -229,14 +229,18 @@ def truncated_svd(
     return LowRankFactors((U * root).to(W.dtype), (root[:, None] * Vh).to(W.dtype), used)
 
 
-def singular_values(W: torch.Tensor) -> torch.Tensor:
+def singular_values(W: torch.Tensor, cache: bool = True) -> torch.Tensor:
     """Singular values of ``W: (m, n)`` in descending order, float64, shape ``(min(m, n),)``.
 
     Large matrices (see :data:`LARGE_MIN_ENTRIES`) go through the smaller Gram matrix.  Small ones
     compute the whole thin SVD (about the cost of ``svdvals`` on CPU) and cache it, so that
     :func:`truncated_svd` of the same weight reuses it; large ones cache the Gram matrix.
+    ``cache=False`` for a matrix that is never decomposed afterwards (a whitened weight): nothing is kept.
     """
     m, n = W.shape
+    if not cache:
+        W64 = W.detach().to(torch.float64)
+        return torch.linalg.svdvals(W64) if m * n < LARGE_MIN_ENTRIES else gram_svd(W64, left=False, right=False)[1]
     if m * n < LARGE_MIN_ENTRIES:
         return _exact_usv(W)[1].clone()
     e = _gram_entry(W, need_eig=False)

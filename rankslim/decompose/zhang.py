@@ -99,27 +99,28 @@ def zhang_lowrank(W: torch.Tensor, XX: torch.Tensor, YX: torch.Tensor, n: int, r
     factor = psd_factor(damped, 0.0 if lam > 0 else 1e-12, top=smax + lam)
     f = truncated_gsvd(B, None, rank, factor, overwrite=True)
     del B  # now the whitened matrix, no longer needed
-    # Every term below goes through the factors, with no m x k or k x k product: L F = [B F^{-T}]_r, so
+    # Every term below goes through the factors, with no k x k product: L F = [B F^{-T}]_r, so
     # ½⟨L A, L⟩ = ½‖L F‖² = ½ Σ_{i≤r} σ_i² and ⟨L, N⟩ = ⟨L F, N F^{-T}⟩ = Σ_{i≤r} σ_i² as well.
     kept = float((f.sigma ** 2).sum())
     w2 = float(torch.linalg.vector_norm(W, dtype=torch.float64)) ** 2
-
-    def data(U: torch.Tensor, V: torch.Tensor, LF2: float, LN: float) -> float:
-        """‖Y − UV X‖²/n = yy/n − 2⟨L, YX/n⟩ + ⟨L Cxx, L⟩, with YX/n = N − λW and Cxx = A − λI."""
-        LW = float((U * (W.to(U) @ V.T)).sum())
-        L2 = float(((U.T @ U) * (V @ V.T)).sum())
-        return yy / n - 2 * (LN - lam * LW) + LF2 - lam * L2
-
     obj = yy / (2 * n) + 0.5 * lam * w2 - 0.5 * kept
+
+    def inner(U: torch.Tensor, V: torch.Tensor, M: torch.Tensor) -> float:  # ⟨U V, M⟩ through an m x r product
+        return float((U * (M.to(U) @ V.T)).sum())
+
+    def data(U: torch.Tensor, V: torch.Tensor, LF2: float, LYX: float) -> float:
+        """‖Y − UV X‖²/n = yy/n − 2⟨L, YX/n⟩ + ⟨L Cxx, L⟩, with ⟨L Cxx, L⟩ = ‖L F‖² − λ‖L‖² (Cxx = A − λI)."""
+        L2 = float(((U.T @ U) * (V @ V.T)).sum())
+        return yy / n - 2 * LYX + LF2 - lam * L2
+
     rel = svd_rel = None
     if yy > 0:
-        rel = data(f.U, f.V, kept, kept) / (yy / n)
+        rel = data(f.U, f.V, kept, kept - lam * inner(f.U, f.V, W)) / (yy / n)  # ⟨L, YX/n⟩ = ⟨L, N⟩ − λ⟨L, W⟩
         Us, s, Vh = gram_svd(W.to(torch.float64), rank)  # the plain truncated SVD, for comparison
-        VhF = factor.times(Vh)  # L_svd F = Us diag(s) Vh F;  ⟨L_svd, N⟩ = ⟨L_svd, YX/n⟩ + λ⟨L_svd, W⟩
-        LsF2 = float((VhF ** 2 * (s ** 2)[:, None]).sum())
-        LsYX = float(((Us * s).T @ YX.to(torch.float64) * Vh).sum()) / n
-        LsW = float(((Us * s).T @ W.to(torch.float64) * Vh).sum())
-        svd_rel = data(Us * s, Vh, LsF2, LsYX + lam * LsW) / (yy / n)
+        Us = Us * s
+        # L_svd F = Us Vh F with Us's columns orthogonal: ‖L_svd F‖² = Σ_i s_i² ‖(Vh F)_i‖²
+        LsF2 = float((factor.times(Vh) ** 2 * (s ** 2)[:, None]).sum())
+        svd_rel = data(Us, Vh, LsF2, inner(Us, Vh, YX) / n) / (yy / n)
     return ZhangResult(f.U, f.V, obj, lam, rel, svd_rel)
 
 

@@ -120,17 +120,15 @@ class Method:
         """
         if not self.needs_data or stats is None:
             return self.spectrum(target)
-        from ..decompose.svd import LARGE_MIN_ENTRIES
-        from ..linalg import gram_svd, psd_factor
+        from ..decompose.svd import singular_values
+        from ..linalg import psd_factor
         n = max(int(stats.n), 1)
         factor = psd_factor(lambda: stats.XX.to(torch.float64) / n, 1e-10)
         Z = factor.times(target.matrix)
         del factor
-        # not through decompose.svd.singular_values: its cache would keep every whitened matrix (never seen
-        # again) until the block is built, 0.36 GB for a TinyLlama block
-        if Z.numel() < LARGE_MIN_ENTRIES:
-            return torch.linalg.svdvals(Z)
-        return gram_svd(Z, left=False, right=False)[1]
+        # uncached: the SVD cache would keep every whitened matrix (never seen again) until the block is
+        # built, 0.36 GB for a TinyLlama block
+        return singular_values(Z, cache=False)
 
     def decompose(self, target: Target, rank: int, ctx: DecomposeContext) -> tuple[nn.Module, dict]:
         """The replacement module for ``target`` at knob ``rank`` and its JSON-able ``info``."""
