@@ -304,10 +304,12 @@ def main() -> None:
                     help="start no new configuration after this many minutes (the rest is listed as not run)")
     ap.add_argument("--models", default=None, help="comma-separated model specs (default: the full list)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,32)")
+    ap.add_argument("--budgets", default=None, help="comma-separated MAC fractions (default: 0.5,0.3)")
     ap.add_argument("--runtimes", default=None, help="comma-separated runtimes (default: eager,onnxruntime; "
                     "eager-cl: channels-last PyTorch)")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the existing JSON's rows of other models / batches and replace only those measured now")
+                    help="keep the existing JSON's rows of other models / budgets / runtimes / batches and replace "
+                    "only those measured now")
     args = ap.parse_args()
     out_path = args.out or RESULTS
     if args.smoke and args.out is None:
@@ -331,14 +333,21 @@ def main() -> None:
         cfg["batches"] = [int(b) for b in args.batches.split(",") if b]
     if args.runtimes:
         cfg["runtimes"] = [r for r in args.runtimes.split(",") if r]
+    if args.budgets:
+        cfg["budgets"] = [float(f) for f in args.budgets.split(",") if f]
     old = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
     data = run(cfg, out_path, args.max_minutes)
     skipped = [b for b in FULL["batches"] if b not in cfg["batches"]]
     data["not_run"] += [{"model": mdl, "macs_budget": f, "runtime": rt, "batch": b, "why": "--batches"}
                         for mdl in cfg["models"] for f in cfg["budgets"] for rt in cfg["runtimes"] for b in skipped]
+    data["not_run"] += [{"model": mdl, "macs_budget": f, "runtime": rt, "batch": b, "why": "--budgets"}
+                        for mdl in cfg["models"] for f in FULL["budgets"] if f not in cfg["budgets"]
+                        for rt in cfg["runtimes"] for b in cfg["batches"]]
     if old is not None:
-        measured = {(r["model"], r["runtime"], r["batch"]) for r in data["rows"]}
-        kept = [r for r in old["rows"] if (r["model"], r["runtime"], r["batch"]) not in measured]
+        def key(r: dict) -> tuple:
+            return r["model"], r["macs_budget"], r["runtime"], r["batch"]
+        measured = {key(r) for r in data["rows"]}
+        kept = [r for r in old["rows"] if key(r) not in measured]
         data["rows"] = kept + data["rows"]
         data["merged_from_earlier_runs"] = sorted({r["model"] for r in kept})
         data["not_run"] = old.get("not_run", []) + data["not_run"]
