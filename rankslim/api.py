@@ -128,9 +128,10 @@ def compress(
     ``torch.get_num_threads()``; e.g. ``speed_aware={"runtime": "onnxruntime", "batch": 32}``).  Each target layer
     is timed alone at sampled ranks (cached) and the whole model once; the model's time is taken to be the sum of
     its layers' plus a fixed rest (:mod:`rankslim.latency_budget`), the allocator meets the fraction on that
-    model and ranks are snapped to the fastest measured rank at or above them.  Combines with ``params`` (both
-    hold); not with ``macs``, ``ratio``, ``energy``, ``ranks``, ``max_drop``, ``example_inputs`` or
-    ``speed_aware=False``.  A fraction below the smallest the measurements allow raises :class:`BudgetError`
+    model and ranks are snapped to the fastest measured rank at or above them.  Combines with ``params`` or with
+    ``macs`` (both hold: ``macs=0.5, latency=0.5`` is the least-error model that keeps half the MACs and is predicted
+    to take half the time); not with both, nor ``ratio``, ``energy``, ``ranks``, ``max_drop``, ``example_inputs``
+    or ``speed_aware=False``.  A fraction below the smallest the measurements allow raises :class:`BudgetError`
     naming that smallest.  The built model is timed again: ``report.metrics["latency"]`` holds ``requested``,
     ``predicted`` and ``measured`` fractions (a measured one above the request beyond noise is a warning note,
     timings being noisy); ``report.metrics["allocation_mode"]["mode"]`` is ``"latency budget"``.
@@ -208,7 +209,8 @@ def compress(
     budget = Budget(params=params, macs=macs)
     # every option is validated before any work starts (a latency budget is allocated as the MAC slot of a time
     # table, so the allocator is chosen for params + "macs")
-    alloc = choose_allocator(budget if latency is None else Budget(params=params, macs=latency), ratio, energy, ranks,
+    alloc = choose_allocator(budget if latency is None else Budget(params=params if macs is None else macs,
+                                                                   macs=latency), ratio, energy, ranks,
                              allocator, allocator_options)
     if latency is not None and alloc.budget != "required":
         raise OptionError(f"the {alloc.name} allocator does not meet a budget; a latency budget needs one that does "
@@ -227,7 +229,8 @@ def compress(
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    table = cost_table(sel, cal, quantities=budget.quantities if latency is None else [*budget.quantities, "macs"],
+    table = cost_table(sel, cal, quantities=budget.quantities if latency is None else
+                       list(dict.fromkeys([*budget.quantities, "macs"])),
                        round_to=round_to, keep_head=keep_head)
     plain_table, check, estimate = table, None, None
     latency_model = None
@@ -238,9 +241,10 @@ def compress(
         from .latency_budget import allocate_latency, latency_model as measure_latency_model
         latency_model = measure_latency_model(sel, table, **latency_opts)
         timings["speed_measure"] = latency_model.seconds
-        allocation = allocate_latency(sel, latency_model, alloc, latency, params=params, calibration=cal, seed=seed,
-                                      solver=solver, eval_fn=eval_fn)
-        mode = {"mode": "latency budget", "latency": latency, "predicted": latency_model.fraction(allocation),
+        allocation = allocate_latency(sel, latency_model, alloc, latency, params=params, macs=macs, calibration=cal,
+                                      seed=seed, solver=solver, eval_fn=eval_fn)
+        mode = {"mode": "latency budget", "latency": latency, **({"macs": macs} if macs is not None else {}),
+                "predicted": latency_model.fraction(allocation),
                 "smallest": latency_model.smallest, "runtime": latency_model.runtime, "batch": latency_model.batch,
                 "threads": latency_model.threads, "measure_seconds": round(latency_model.seconds, 3)}
     elif request.mode == "off":
@@ -299,7 +303,7 @@ def compress(
             timings["whole_model_check"] = whole["seconds"]
     timings["decompose"] = time.perf_counter() - t0 - timings.get("whole_model_check", 0.0)
     timings["total"] = time.perf_counter() - t_start
-    # a latency budget leaves MACs free (the time model holds them), params still hold exactly
+    # a latency budget alone leaves MACs free (the time model holds them); params or macs given with it hold exactly
     result = finalize(sel, built, allocation, cal, budget=budget, method=method,
                       budget_request={"params": params, "macs": macs, "ratio": ratio, "energy": energy,
                                       **({"latency": latency} if latency is not None else {})},

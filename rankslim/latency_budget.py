@@ -26,8 +26,10 @@ measured-fastest rank (:func:`rankslim.latency_cache.fastest_ranks`) or dense wh
 
 **Allocation** (:func:`allocate_latency`): the configured allocator (default ``cptv``) on that table, whose MAC
 slot holds time (the modelled original = :data:`TIME_UNITS`), with ``Budget(params=..., macs=fraction)``: a
-``params`` budget holds as usual, in the same allocation.  A ``macs`` budget cannot be added (allocators budget
-two quantities and time takes the MAC slot).
+``params`` budget holds as usual, in the same allocation.  A ``macs`` budget holds the same way, on
+:attr:`LatencyModel.mac_table`, whose params slot carries MACs (allocators budget two quantities by name; ``latency``
++ ``macs`` + ``params`` together is refused): ``compress(macs=0.5, latency=0.5)`` is the least-error model that
+keeps half the MACs AND is predicted to take half the time.
 
 **Check** (:func:`record_latency`): the built model and the original are timed once more;
 ``report.metrics["latency"]`` holds the requested, predicted and measured fractions, and a measured fraction
@@ -36,6 +38,7 @@ more than :data:`NOISE_TOLERANCE` above the request is a warning note (timings a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,9 +86,9 @@ def check_request(latency: Any, speed_aware: Any, request, *, params: float | No
     if fixed:
         raise OptionError(f"latency is a budget the allocator meets by choosing ranks, but {fixed} fixes every rank: "
                           f"drop one of them")
-    if macs is not None:
-        raise OptionError("latency and macs cannot be combined: the allocators hold at most two budgeted quantities "
-                          "and the latency budget takes the MAC one; combine latency with params, or give macs alone")
+    if macs is not None and params is not None:
+        raise OptionError("latency, macs and params cannot all be combined: the allocators hold at most two budgeted "
+                          "quantities; give latency with macs, or latency with params")
     if max_drop is not None:
         raise OptionError("latency is not combined with max_drop (the accuracy search budgets params or macs): run "
                           "the search, then compress at the budget it found with latency=")
@@ -121,6 +124,8 @@ class LatencyModel:
 
     table: CostTable
     measured: dict[str, dict[str, Any]]
+    #: the same knobs with (MACs, time) in the (params, MAC) slots: the table of ``latency`` + ``macs`` budgets
+    mac_table: CostTable | None
     runtime: str
     batch: int
     threads: int
@@ -193,20 +198,26 @@ def latency_model(selection, table: CostTable, *, runtime: str = "eager", batch:
                      f"model ({original_ms:.3g} ms): the rest of the model is counted as 0 ms and predicted "
                      "fractions are of the layers' sum")
     scale = TIME_UNITS / (rest_ms + dense_ms) if rest_ms + dense_ms > 0 else 0.0
-    options = []
+    options, mac_options = [], []
     for lo in table.layers:
         times = measured[lo.name]["ranks"]
+        dense_time = int(round(scale * float(measured[lo.name]["dense"])))
 
-        def cost_fn(r: int, lo=lo, times=times) -> Cost:
+        def cost_fn(r: int, lo=lo, times=times, first: str = "params") -> Cost:
             s = fastest_at_or_above(times, r, lo.max_rank, table.round_to)
             # ceil: the integer table never predicts less time than the float model
-            return Cost(lo.cost_fn(s).params, int(math.ceil(scale * interpolate(times, s))))
-        options.append(dataclasses.replace(lo, cost_fn=cost_fn, faster=None,
-                                           dense=Cost(lo.dense.params,
-                                                      int(round(scale * float(measured[lo.name]["dense"]))))))
+            return Cost(lo.cost_fn(s).get(first), int(math.ceil(scale * interpolate(times, s))))
+        options.append(dataclasses.replace(lo, cost_fn=cost_fn, faster=None, dense=Cost(lo.dense.params, dense_time)))
+        mac_options.append(dataclasses.replace(lo, cost_fn=functools.partial(cost_fn, first="macs"), faster=None,
+                                               dense=Cost(lo.dense.macs, dense_time)))
     timed = CostTable(options, Cost(table.original.params, TIME_UNITS), round_to=table.round_to,
                       quantities=table.quantities)
-    model = LatencyModel(timed, measured, runtime, int(batch), threads, original_ms, dense_ms, rest_ms, notes=notes)
+    # MACs ride in the params slot: allocators budget two quantities by name, and a latency + macs budget has no
+    # params budget (refused by check_request)
+    mac_timed = CostTable(mac_options, Cost(table.original.macs, TIME_UNITS), round_to=table.round_to,
+                          quantities=("params", "macs"))
+    model = LatencyModel(timed, measured, mac_timed, runtime, int(batch), threads, original_ms, dense_ms, rest_ms,
+                         notes=notes)
     # on time alone (a params budget may keep layers dense that would be faster): the integer table's least total
     time_only = dataclasses.replace(timed, quantities=("macs",))
     model.smallest = time_only.total(time_only.cheapest()).macs / TIME_UNITS
@@ -220,14 +231,14 @@ def _up(x: float, digits: int = 4) -> str:
 
 
 def allocate_latency(selection, model: LatencyModel, allocator: Allocator, fraction: float, *,
-                     params: float | None = None, calibration=None, seed: int = 0, solver: str = "auto",
-                     eval_fn=None) -> Allocation:
+                     params: float | None = None, macs: float | None = None, calibration=None, seed: int = 0,
+                     solver: str = "auto", eval_fn=None) -> Allocation:
     """Ranks whose predicted time is at most ``fraction`` of the original's (and parameters at most ``params`` of
-    them, when given), chosen by ``allocator`` on ``model.table`` and snapped to the fastest measured rank at or
-    above each (:meth:`LatencyModel.rank_of`).
+    them, or MACs at most ``macs`` of them, when given), chosen by ``allocator`` on ``model.table`` (with ``macs``:
+    ``model.mac_table``) and snapped to the fastest measured rank at or above each (:meth:`LatencyModel.rank_of`).
 
     Raises :class:`BudgetError` naming the smallest time fraction the measurements allow when ``fraction`` is
-    below it, and the params / joint reason when those cannot be met.
+    below it, and the params / MACs / joint reason when those cannot be met.
     """
     from .pipeline import allocate
 
@@ -245,8 +256,23 @@ def allocate_latency(selection, model: LatencyModel, allocator: Allocator, fract
             f"on {how}. Raise the latency budget or target more layers (include/min_params)"
             + (", or time at a larger batch (speed_aware={'batch': 32}, --speed-batch), where factorized layers gain "
                "more" if model.batch < 32 else "") + ".")
-    budget = Budget(params=params, macs=fraction)
-    if params is not None:
+    if params is not None and macs is not None:
+        raise OptionError("latency, macs and params cannot all be combined: give latency with one of them")
+    table = model.table if macs is None else model.mac_table
+    budget = Budget(params=params if macs is None else macs, macs=fraction)
+    if macs is not None:
+        # MAC arithmetic is the plain cost table's; a layer counts here only at ranks faster AND cheaper than dense
+        low = table.total(table.cheapest())
+        if low.params > budget.limit("params", table.original):
+            raise BudgetError(
+                f"latency {fraction:g} and macs {macs:g} cannot both be met: the least of both together (every layer at "
+                f"its fastest rank that also saves MACs, the others dense) is time {_up(low.macs / TIME_UNITS)}, MACs "
+                f"{_up(low.params / max(table.original.params, 1))}. Raise one of them.")
+        if low.macs > budget.limit("macs", table.original):
+            raise BudgetError(
+                f"latency budget {fraction:g} cannot be met with macs: the smallest predicted time of a model whose "
+                f"factorized layers also save MACs is {_up(low.macs / TIME_UNITS)}. Raise the latency budget.")
+    elif params is not None:
         model.table.require_feasible(Budget(params=params))  # the params reason alone, in params words
         low = model.table.total(model.table.cheapest())
         if not model.table.fits(model.table.cheapest(), budget):
@@ -254,7 +280,7 @@ def allocate_latency(selection, model: LatencyModel, allocator: Allocator, fract
                 f"latency {fraction:g} and params {params:g} cannot both be met: the least of both together (every "
                 f"layer at its fastest rank that also saves parameters) is time {_up(low.macs / TIME_UNITS)}, params "
                 f"{_up(low.params / max(model.table.original.params, 1))}. Raise one of them.")
-    got = allocate(selection, model.table, allocator, budget, calibration=calibration, seed=seed, solver=solver,
+    got = allocate(selection, table, allocator, budget, calibration=calibration, seed=seed, solver=solver,
                    eval_fn=eval_fn)
     ranks = {name: model.rank_of(name, r) for name, r in got.items()}
     snapped = sorted(n for n in ranks if ranks[n] != got.get(n))

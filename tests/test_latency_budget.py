@@ -155,6 +155,39 @@ def test_latency_and_params_that_cannot_hold_together_are_refused(timed):
         rankslim.compress(_net(), latency=0.9, params=0.01, input_shape=SHAPE)
 
 
+def test_latency_with_a_macs_budget_holds_both(timed):
+    net = _net()
+    x = torch.zeros(1, *SHAPE)
+    alone = rankslim.compress(net, latency=0.8, input_shape=SHAPE)
+    m_alone = count_macs(alone.model, x) / count_macs(net, x)
+    macs = round(0.8 * m_alone, 3)  # tighter than what the latency budget alone keeps: macs binds
+    res = rankslim.compress(net, latency=0.8, macs=macs, input_shape=SHAPE)
+    assert count_macs(res.model, x) <= macs * count_macs(net, x)  # counted independently of the library
+    assert _fraction(res.model, net) <= 0.8
+    assert res.report.budget["macs"] == macs and res.report.budget["latency"] == 0.8
+    mode = res.report.metrics["allocation_mode"]
+    assert mode["mode"] == "latency budget" and mode["macs"] == macs
+    # the other way round: a loose macs budget, the time binds; the time fraction is then at most the MAC one
+    res = rankslim.compress(net, latency=0.5, macs=0.9, input_shape=SHAPE)
+    assert count_macs(res.model, x) <= 0.9 * count_macs(net, x) and _fraction(res.model, net) <= 0.5
+
+
+def test_latency_with_macs_is_at_least_as_fast_as_macs_alone(timed):
+    # the point of the pair: at one MAC budget, a time budget picks layers whose cuts save time
+    net = _net()
+    mac_only = rankslim.compress(net, macs=0.6, input_shape=SHAPE, speed_aware=False)
+    t_mac_only = _fraction(mac_only.model, net)
+    res = rankslim.compress(net, macs=0.6, latency=round(t_mac_only - 0.01, 3), input_shape=SHAPE)
+    x = torch.zeros(1, *SHAPE)
+    assert count_macs(res.model, x) <= 0.6 * count_macs(net, x)
+    assert _fraction(res.model, net) < t_mac_only
+
+
+def test_latency_and_macs_that_cannot_hold_together_are_refused(timed):
+    with pytest.raises(BudgetError, match=r"latency 0\.9 and macs 0\.01 cannot both be met: .*MACs (\d\.\d{4})"):
+        rankslim.compress(_net(), latency=0.9, macs=0.01, input_shape=SHAPE)
+
+
 def test_a_measured_fraction_over_the_request_is_a_warning_note(timed, monkeypatch):
     # the whole compressed model is slower than its layers timed alone add up to (not additive): say so
     def slow_inside(module, x, runtime, threads, warmup, repeats):
@@ -175,7 +208,7 @@ def test_bad_latency_values_are_refused(value):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"macs": 0.5}, "latency and macs cannot be combined"),
+    ({"macs": 0.5, "params": 0.5}, "latency, macs and params cannot all be combined"),
     ({"ratio": 0.5}, "ratio fixes every rank"),
     ({"energy": 0.9}, "energy fixes every rank"),
     ({"ranks": 4}, "ranks fixes every rank"),
@@ -249,7 +282,8 @@ def test_cli_latency_budget_with_params_and_latency_measurement(timed, tmp_path)
     (["--latency-budget", "1.5"], "fraction in (0, 1]"),
     (["--latency-budget", "abc"], "--latency-budget takes a fraction"),
     (["--latency-budget", "nan"], "fraction in (0, 1]"),
-    (["--latency-budget", "0.5", "--macs", "0.5"], "latency and macs"),
+    (["--latency-budget", "0.5", "--macs", "0.5", "--params", "0.5"], "latency, macs and params"),
+    (["--latency-budget", "0.9", "--macs", "0.01"], "cannot both be met"),
     (["--latency-budget", "0.5", "--ratio", "0.5"], "ratio fixes"),
     (["--latency-budget", "0.5", "--mac-only"], "--mac-only"),
     (["--latency-budget", "0.5", "--speed-max-seconds", "3"], "--speed-max-seconds"),

@@ -1,0 +1,270 @@
+"""How fast can a MAC budget make a model?  The fastest rank allocation the layer timings allow, built and timed.
+
+Issue 11 asks for efficiency (measured speedup ÷ MAC reduction) >= 0.8 for ResNet-50 at macs 0.5, batch 32.  The
+allocations of ``benchmarks/speed.py`` minimise the approximation error; this script asks the other question:
+ignoring accuracy entirely, what is the FASTEST model any rank allocation can build at that MAC budget?  If even
+that model falls short, no allocator can meet the target on this machine with these kernels.
+
+For one model, runtime and batch:
+
+1. every target layer is timed alone, dense and factorized (SVD / channel decomposition) at a grid of ranks
+   (``rankslim.latency_budget.latency_model``: the latency cache, the same timings speed-aware mode uses), and the
+   whole original model once;
+2. per budget F, a MILP (SciPy HiGHS) picks for every layer dense or one sampled rank, minimising the modelled time
+   ``T_rest + sum_i t_i`` subject to the model keeping between F - 0.01 and F of the original's MACs (MACs of each
+   choice from the cost table): efficiency compares speed at one MAC fraction, and without the floor the fastest
+   model is every layer at rank 1;
+3. that model, the MAC-only model (``compress(macs=F, speed_aware=False)``, the default allocator) and the original
+   are built and timed alternately (``whole_model.time_models``); MACs are counted on the built models with
+   ``FlopCounterMode``.
+
+It also records, for every layer geometry, the factorized layer's time and MACs as fractions of the dense layer's
+at each sampled rank: the per-layer efficiency that caps the whole model's.
+
+    python benchmarks/speed_bound.py                  # resnet50, macs 0.5 and 0.3, onnxruntime + eager-cl, batch 32
+    python benchmarks/speed_bound.py --docs           # regenerate docs/results/speed_bound.md from the JSON
+    python benchmarks/speed_bound.py --smoke --out /tmp/bound.json   # seconds: checks the script works (no figures)
+
+Run it ALONE: timings of a shared machine are not figures.  Weights are random (no pretrained weights offline), so
+no accuracy is reported: the bound allocation ignores accuracy by construction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import rankslim  # noqa: E402
+from rankslim.bench import efficiency, machine_info, make_example, total_macs  # noqa: E402
+from rankslim.latency_budget import latency_model  # noqa: E402
+from rankslim.pipeline import cost_table, select  # noqa: E402
+from rankslim.whole_model import time_models  # noqa: E402
+from rankslim.zoo import resolve_model  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "speed_bound.json"
+DOC = ROOT / "docs" / "results" / "speed_bound.md"
+FULL = {"models": ["torchvision:resnet50"], "budgets": [0.5, 0.3], "runtimes": ["onnxruntime", "eager-cl"],
+        "batch": 32, "samples": 12, "threads": None, "check_seconds": 24}
+FLOOR_GAP = 0.01  # the fastest model keeps between F - 0.01 and F of the original's MACs
+SMOKE = {"models": ["zoo:resnet20"], "budgets": [0.5], "runtimes": ["eager"], "batch": 2, "samples": 4,
+         "threads": 1, "check_seconds": 0.5}
+
+
+def fastest_allocation(choices: dict[str, list[tuple[int | None, int, float]]], mac_limit: float,
+                       mac_floor: float = -np.inf) -> dict[str, int | None] | None:
+    """The choice per layer minimising total time with ``mac_floor <= total MACs <= mac_limit`` (MILP, SciPy
+    HiGHS).  The floor matters: without it the fastest model is every layer at rank 1, which says nothing about
+    what F of the MACs can buy.
+
+    ``choices``: ``{layer: [(rank or None for dense, macs, ms), ...]}``.  Returns ``{layer: rank or None}``, or
+    ``None`` when no combination fits.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = list(choices)
+    flat = [(n, c) for n in names for c in choices[n]]
+    cost = np.array([ms for _, (_, _, ms) in flat])
+    macs = np.array([float(m) for _, (_, m, _) in flat])
+    one_each = np.zeros((len(names), len(flat)))
+    for j, (n, _) in enumerate(flat):
+        one_each[names.index(n), j] = 1.0
+    res = milp(cost, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(macs[None, :], mac_floor, mac_limit)])
+    if res.x is None:
+        return None
+    return {n: c[0] for (n, c), x in zip(flat, res.x) if x > 0.5}
+
+
+def layer_fractions(sel, table, measured) -> list[dict[str, Any]]:
+    """Per target layer geometry: dense ms and, per sampled rank, MAC and time fractions of the dense layer."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    by_name = table.by_name()
+    for t in sel.targets:
+        lo, m = by_name[t.name], measured[t.name]
+        w = t.module.weight
+        key = (type(t.module).__name__, tuple(w.shape), tuple(t.in_shape), getattr(t.module, "stride", None))
+        if key in rows:
+            rows[key]["layers"].append(t.name)
+            continue
+        dense_ms, dense_macs = float(m["dense"]), lo.dense.macs
+        rows[key] = {"layers": [t.name], "type": key[0], "weight": list(key[1]), "in_shape": list(key[2]),
+                     "stride": list(key[3]) if key[3] is not None else None, "dense_ms": dense_ms,
+                     "dense_macs": dense_macs,
+                     "ranks": {int(r): {"mac_fraction": lo.cost_fn(int(r)).macs / dense_macs,
+                                        "time_fraction": float(ms) / dense_ms}
+                               for r, ms in sorted(m["ranks"].items(), key=lambda kv: int(kv[0]))}}
+    return list(rows.values())
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
+    """Measure every (model, runtime) of ``cfg`` and write the JSON to ``out_path``."""
+    from rankslim.train.loop import atomic_write_bytes
+
+    t_start = time.perf_counter()
+    threads = int(cfg["threads"] or torch.get_num_threads())
+    out: dict[str, Any] = {"machine": machine_info(), "threads": threads, "config": cfg, "rows": [], "layers": [],
+                           "load_average_at_start": _load()}
+    b = int(cfg["batch"])
+    for spec_str in cfg["models"]:
+        spec = resolve_model(spec_str)
+        probe = make_example(spec.input_shape, 1)
+        macs_original = total_macs(spec.model, probe)
+        for rt in cfg["runtimes"]:
+            sel = select(spec.model, spec.input_shape, "svd", keep_head=True)
+            table = cost_table(sel, quantities=("macs",))
+            lm = latency_model(sel, table, runtime=rt, batch=b, threads=threads, samples=int(cfg["samples"]))
+            by_name = table.by_name()
+            out["layers"].append({"model": spec_str, "runtime": rt, "batch": b,
+                                  "geometries": layer_fractions(sel, table, lm.measured)})
+            target_dense_macs = sum(lo.dense.macs for lo in table.layers)
+            for frac in cfg["budgets"]:
+                choices = {}
+                for name, m in lm.measured.items():
+                    lo = by_name[name]
+                    choices[name] = [(None, lo.dense.macs, float(m["dense"]))] + [
+                        (int(r), lo.cost_fn(int(r)).macs, float(ms)) for r, ms in m["ranks"].items()]
+                # the MAC limit on the targets: the budget minus what the rest of the model (stem, head) costs
+                rest = sel.counted_macs - target_dense_macs
+                limit = frac * sel.original_cost.macs - rest
+                # efficiency compares speed at the SAME MAC fraction: keep F of the MACs (to 1% of the model)
+                ranks = fastest_allocation(choices, limit, limit - FLOOR_GAP * sel.original_cost.macs)
+                row: dict[str, Any] = {"model": spec_str, "runtime": rt, "batch": b, "threads": threads,
+                                       "macs_budget": frac, "samples": int(cfg["samples"]),
+                                       "original_model_ms_once": lm.original_ms, "rest_ms": lm.rest_ms,
+                                       "targets_dense_ms": lm.targets_dense_ms, "load_average": _load()}
+                if ranks is None:
+                    row["infeasible"] = "no allocation of the sampled ranks meets the MAC budget"
+                    out["rows"].append(row)
+                    continue
+                fastest = rankslim.compress(spec.model, "svd", ranks={n: r for n, r in ranks.items() if r is not None},
+                                            input_shape=spec.input_shape, keep_head=True, speed_aware=False)
+                mac_only = rankslim.compress(spec.model, "svd", macs=frac, input_shape=spec.input_shape,
+                                             keep_head=True, speed_aware=False)
+                mac_only_ranks = {n: mac_only.allocation.get(n) for n in lm.measured}
+                (o_ms, f_ms, m_ms), calls = time_models([spec.model, fastest.model, mac_only.model], probe, runtime=rt,
+                                                        batch=b, threads=threads,
+                                                        check_seconds=float(cfg["check_seconds"]))
+                row.update({
+                    "original_ms": o_ms, "timed_calls": calls, "timing": "alternated",
+                    "fastest": {"ms": f_ms, "predicted_fraction": lm.fraction(ranks),
+                                "macs_kept": total_macs(fastest.model, probe) / macs_original,
+                                "dense_layers": sum(1 for r in ranks.values() if r is None),
+                                "ranks": ranks,
+                                **efficiency(o_ms, f_ms, macs_original, total_macs(fastest.model, probe))},
+                    "mac_only": {"ms": m_ms, "predicted_fraction": lm.fraction(mac_only_ranks),
+                                 "macs_kept": total_macs(mac_only.model, probe) / macs_original,
+                                 "dense_layers": sum(1 for r in mac_only.report.rows if not r.replaced),
+                                 **efficiency(o_ms, m_ms, macs_original, total_macs(mac_only.model, probe))}})
+                out["rows"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "fastest"} |
+                                 {"fastest": {k: v for k, v in row["fastest"].items() if k != "ranks"}}), flush=True)
+                out["load_average_at_end"] = _load()
+                out["seconds"] = round(time.perf_counter() - t_start, 1)
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
+    out["load_average_at_end"] = _load()
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
+    return out
+
+
+def _geometry_label(g: dict[str, Any]) -> str:
+    w = g["weight"]
+    k = f"{w[2]}x{w[3]}" if len(w) == 4 else "fc"
+    stride = f" s{g['stride'][0]}" if g.get("stride") and g["stride"][0] != 1 else ""
+    return f"{k} {w[1]}→{w[0]} @{g['in_shape'][-1]}{stride}"
+
+
+def docs(data: dict[str, Any], md_path: Path = DOC) -> None:
+    """``docs/results/speed_bound.md`` from the JSON (tables only)."""
+    m = data["machine"]
+    lines = ["# How fast can a MAC budget be? (generated by `benchmarks/speed_bound.py`)", "",
+             f"Machine: {m.get('cpu')} ({m.get('cores')} cores), torch {m.get('torch')}, onnxruntime "
+             f"{m.get('onnxruntime')}; {data['threads']} thread(s); load average at start / end "
+             f"{data.get('load_average_at_start')} / {data.get('load_average_at_end')}; {data.get('seconds', 0) / 60:.0f}"
+             " minutes. Random weights (no pretrained weights offline): no accuracy, and the *fastest* allocation "
+             "ignores accuracy by construction.", "",
+             "**fastest**: per layer, dense or one sampled SVD rank, chosen by a MILP (SciPy HiGHS) to minimise the "
+             "additive time model (every layer timed alone, `rankslim.latency_budget`) keeping between F − 0.01 and F of "
+             "the MACs. "
+             "**mac-only**: `compress(macs=F, speed_aware=False)` (the default allocator, `cptv`, minimising the "
+             "approximation error). The original and both models are timed alternately in 3 rounds "
+             "(`whole_model.time_models`); MACs counted by `FlopCounterMode` on the built models.", "",
+             "| model | runtime | batch | F | allocation | predicted time | original ms | compressed ms | speedup | "
+             "MACs kept | efficiency | dense layers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "infeasible" in r:
+            lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['macs_budget']} | - | "
+                         f"{r['infeasible']} | | | | | | |")
+            continue
+        for kind in ("fastest", "mac_only"):
+            d = r[kind]
+            lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['macs_budget']} | "
+                         f"{kind.replace('_', '-')} | {d['predicted_fraction']:.2f} | {r['original_ms']:.1f} | "
+                         f"{d['ms']:.1f} | {d['speedup']:.2f}x | {100 * d['macs_kept']:.0f}% | "
+                         f"**{d['efficiency']:.2f}** | {d['dense_layers']} |")
+    lines += ["", "*predicted time*: the additive model's time fraction of the original (layers timed alone); the "
+              "measured fraction is 1 / speedup.", ""]
+    for block in data["layers"]:
+        lines += [f"## Layers of {block['model']} timed alone: {block['runtime']}, batch {block['batch']}", "",
+                  "Each factorized layer (k×k conv to r channels, then 1×1; for 1×1 layers two 1×1) as fractions of "
+                  "the dense layer: MACs / time (time ÷ MACs above 1 means each MAC removed saves less than its "
+                  "share of time). The columns are the sampled ranks nearest to 25%, 50% and 75% of the MACs.", "",
+                  "| layer geometry (k×k in→out @input) | layers | dense ms | ~25% MACs: r, time | ~50%: r, time | "
+                  "~75%: r, time |", "|---|---|---|---|---|---|"]
+        for g in block["geometries"]:
+            cells = []
+            for want in (0.25, 0.5, 0.75):
+                r, d = min(g["ranks"].items(), key=lambda kv: abs(kv[1]["mac_fraction"] - want))
+                cells.append(f"r{r}: {100 * d['mac_fraction']:.0f}% MACs, {100 * d['time_fraction']:.0f}% time")
+            lines.append(f"| {_geometry_label(g)} | {len(g['layers'])} | {g['dense_ms']:.2f} | " + " | ".join(cells)
+                         + " |")
+        lines.append("")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny configuration (seconds); write to --out, not the docs")
+    ap.add_argument("--docs", action="store_true", help="only regenerate the docs from --out")
+    ap.add_argument("--out", type=Path, default=OUT, help="results JSON (default benchmarks/results/speed_bound.json)")
+    ap.add_argument("--runtimes", default=None, help="comma-separated runtimes (default: onnxruntime,eager-cl)")
+    ap.add_argument("--budgets", default=None, help="comma-separated MAC fractions (default: 0.5,0.3)")
+    args = ap.parse_args()
+    if args.docs:
+        docs(json.loads(args.out.read_text()))
+        return
+    from rankslim.bench import fix_heap_thresholds
+    cfg = dict(SMOKE if args.smoke else FULL)
+    # as in benchmarks/speed.py: every model is timed with the same allocator settings, whatever ran before
+    cfg["heap_thresholds_fixed"] = fix_heap_thresholds()
+    if args.runtimes:
+        cfg["runtimes"] = args.runtimes.split(",")
+    if args.budgets:
+        cfg["budgets"] = [float(v) for v in args.budgets.split(",")]
+    data = run(cfg, args.out)
+    if not args.smoke:
+        docs(data)
+    else:
+        docs(data, args.out.with_suffix(".md"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
