@@ -25,8 +25,9 @@ at each sampled rank: the per-layer efficiency that caps the whole model's.
     python benchmarks/speed_bound.py --docs           # regenerate docs/results/speed_bound.md from the JSON
     python benchmarks/speed_bound.py --smoke --out /tmp/bound.json   # seconds: checks the script works (no figures)
 
-Run it ALONE: timings of a shared machine are not figures.  Weights are random (no pretrained weights offline), so
-no accuracy is reported: the bound allocation ignores accuracy by construction.
+Run it ALONE: timings of a shared machine are not figures.  torchvision weights are random (no pretrained weights offline), so
+no accuracy is reported for them (the zoo ViT is trained: its accuracy is); the bound allocation ignores accuracy by
+construction.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import rankslim  # noqa: E402
 from rankslim.bench import efficiency, machine_info, make_example, total_macs  # noqa: E402
+from rankslim.data import evaluate_accuracy, load_dataset  # noqa: E402
 from rankslim.latency_budget import latency_model  # noqa: E402
 from rankslim.pipeline import cost_table, select  # noqa: E402
 from rankslim.whole_model import time_models  # noqa: E402
@@ -53,11 +55,12 @@ from rankslim.zoo import resolve_model  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "speed_bound.json"
 DOC = ROOT / "docs" / "results" / "speed_bound.md"
-FULL = {"models": ["torchvision:resnet50"], "budgets": [0.5, 0.3], "runtimes": ["onnxruntime", "eager-cl"],
-        "batch": 32, "samples": 12, "threads": None, "check_seconds": 24}
+FULL = {"models": ["torchvision:resnet50", "zoo:vit"], "budgets": [0.5, 0.3],
+        "runtimes": ["onnxruntime", "eager-cl"], "batch": 32, "samples": 12, "threads": None, "check_seconds": 30,
+        "latencies": {"0.5": [0.6, 0.55], "0.3": [0.4, 0.35]}, "eval_samples": 2000}
 FLOOR_GAP = 0.01  # the fastest model keeps between F - 0.01 and F of the original's MACs
 SMOKE = {"models": ["zoo:resnet20"], "budgets": [0.5], "runtimes": ["eager"], "batch": 2, "samples": 4,
-         "threads": 1, "check_seconds": 0.5}
+         "threads": 1, "check_seconds": 0.5, "latencies": {"0.5": [0.9]}, "eval_samples": 100}
 
 
 def fastest_allocation(choices: dict[str, list[tuple[int | None, int, float]]], mac_limit: float,
@@ -106,6 +109,15 @@ def layer_fractions(sel, table, measured) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def output_error(original: torch.nn.Module, compressed: torch.nn.Module, input_shape, n: int = 8) -> float:
+    """``||f_c(x) - f(x)|| / ||f(x)||`` over ``n`` random inputs (seeded): how far the compressed model's outputs
+    are from the original's, measured on the models, for models without trained weights or test data."""
+    x = make_example(input_shape, n, seed=1)
+    with torch.no_grad():
+        y, yc = original.eval()(x), compressed.eval()(x)
+    return float(torch.linalg.vector_norm(yc - y) / torch.linalg.vector_norm(y))
+
+
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -121,6 +133,10 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
     b = int(cfg["batch"])
     for spec_str in cfg["models"]:
         spec = resolve_model(spec_str)
+        test = load_dataset(spec.dataset, "test") if spec.dataset is not None else None
+
+        def acc_of(model: torch.nn.Module) -> float | None:
+            return None if test is None else evaluate_accuracy(model, test, max_samples=int(cfg["eval_samples"]))
         probe = make_example(spec.input_shape, 1)
         macs_original = total_macs(spec.model, probe)
         for rt in cfg["runtimes"]:
@@ -150,28 +166,40 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
                     row["infeasible"] = "no allocation of the sampled ranks meets the MAC budget"
                     out["rows"].append(row)
                     continue
-                fastest = rankslim.compress(spec.model, "svd", ranks={n: r for n, r in ranks.items() if r is not None},
-                                            input_shape=spec.input_shape, keep_head=True, speed_aware=False)
-                mac_only = rankslim.compress(spec.model, "svd", macs=frac, input_shape=spec.input_shape,
-                                             keep_head=True, speed_aware=False)
-                mac_only_ranks = {n: mac_only.allocation.get(n) for n in lm.measured}
-                (o_ms, f_ms, m_ms), calls = time_models([spec.model, fastest.model, mac_only.model], probe, runtime=rt,
-                                                        batch=b, threads=threads,
-                                                        check_seconds=float(cfg["check_seconds"]))
-                row.update({
-                    "original_ms": o_ms, "timed_calls": calls, "timing": "alternated",
-                    "fastest": {"ms": f_ms, "predicted_fraction": lm.fraction(ranks),
-                                "macs_kept": total_macs(fastest.model, probe) / macs_original,
-                                "dense_layers": sum(1 for r in ranks.values() if r is None),
-                                "ranks": ranks,
-                                **efficiency(o_ms, f_ms, macs_original, total_macs(fastest.model, probe))},
-                    "mac_only": {"ms": m_ms, "predicted_fraction": lm.fraction(mac_only_ranks),
-                                 "macs_kept": total_macs(mac_only.model, probe) / macs_original,
-                                 "dense_layers": sum(1 for r in mac_only.report.rows if not r.replaced),
-                                 **efficiency(o_ms, m_ms, macs_original, total_macs(mac_only.model, probe))}})
+                speed = {"runtime": rt, "batch": b, "threads": threads, "samples": int(cfg["samples"])}
+                built: dict[str, Any] = {
+                    "fastest": rankslim.compress(spec.model, "svd", ranks={n: r for n, r in ranks.items() if r},
+                                                 input_shape=spec.input_shape, keep_head=True, speed_aware=False),
+                    "mac-only": rankslim.compress(spec.model, "svd", macs=frac, input_shape=spec.input_shape,
+                                                  keep_head=True, speed_aware=False)}
+                infeasible = {}
+                for lat in cfg["latencies"].get(str(frac), []):
+                    try:  # the least-error model meeting both: what a user gets from compress(macs=F, latency=L)
+                        built[f"macs+latency {lat:g}"] = rankslim.compress(
+                            spec.model, "svd", macs=frac, latency=lat, input_shape=spec.input_shape, keep_head=True,
+                            speed_aware=speed)
+                    except rankslim.errors.BudgetError as exc:
+                        infeasible[f"macs+latency {lat:g}"] = str(exc)
+                names = list(built)
+                ms, calls = time_models([spec.model, *(built[n].model for n in names)], probe, runtime=rt, batch=b,
+                                        threads=threads, check_seconds=float(cfg["check_seconds"]))
+                o_ms = ms[0]
+                row.update({"original_ms": o_ms, "timed_calls": calls, "timing": "alternated",
+                            "accuracy_before": acc_of(spec.model), "allocations": {}, "infeasible_allocations": infeasible})
+                for n, c_ms in zip(names, ms[1:]):
+                    res = built[n]
+                    alloc = ranks if n == "fastest" else {k: res.allocation.get(k) for k in lm.measured}
+                    c_macs = total_macs(res.model, probe)
+                    row["allocations"][n] = {
+                        "ms": c_ms, "predicted_fraction": lm.fraction(alloc), "macs_kept": c_macs / macs_original,
+                        "dense_layers": sum(1 for r in alloc.values() if r is None),
+                        "output_rel_error": output_error(spec.model, res.model, spec.input_shape),
+                        "accuracy_after": acc_of(res.model), **efficiency(o_ms, c_ms, macs_original, c_macs),
+                        **({"ranks": ranks} if n == "fastest" else {})}
                 out["rows"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "fastest"} |
-                                 {"fastest": {k: v for k, v in row["fastest"].items() if k != "ranks"}}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "allocations"} | {"allocations": {
+                    n: {k: v for k, v in a.items() if k != "ranks"} for n, a in row["allocations"].items()}}),
+                    flush=True)
                 out["load_average_at_end"] = _load()
                 out["seconds"] = round(time.perf_counter() - t_start, 1)
                 out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,27 +225,35 @@ def docs(data: dict[str, Any], md_path: Path = DOC) -> None:
              f"Machine: {m.get('cpu')} ({m.get('cores')} cores), torch {m.get('torch')}, onnxruntime "
              f"{m.get('onnxruntime')}; {data['threads']} thread(s); load average at start / end "
              f"{data.get('load_average_at_start')} / {data.get('load_average_at_end')}; {data.get('seconds', 0) / 60:.0f}"
-             " minutes. Random weights (no pretrained weights offline): no accuracy, and the *fastest* allocation "
-             "ignores accuracy by construction.", "",
+             " minutes. torchvision models have random weights (no pretrained weights offline): no accuracy for them; "
+             "the zoo models are trained (accuracy on Fashion-MNIST test images). The *fastest* allocation ignores "
+             "accuracy by construction.", "",
              "**fastest**: per layer, dense or one sampled SVD rank, chosen by a MILP (SciPy HiGHS) to minimise the "
              "additive time model (every layer timed alone, `rankslim.latency_budget`) keeping between F − 0.01 and F of "
              "the MACs. "
              "**mac-only**: `compress(macs=F, speed_aware=False)` (the default allocator, `cptv`, minimising the "
              "approximation error). The original and both models are timed alternately in 3 rounds "
              "(`whole_model.time_models`); MACs counted by `FlopCounterMode` on the built models.", "",
+             "**macs+latency L**: `compress(macs=F, latency=L, speed_aware={runtime, batch, threads})`, the "
+             "least-error model (cptv) that keeps at most F of the MACs AND is predicted to take at most L of the "
+             "time. *output error*: ‖f̂(x) − f(x)‖ / ‖f(x)‖ over 8 random inputs; *accuracy*: Fashion-MNIST test "
+             "images (zoo models, trained weights).", "",
              "| model | runtime | batch | F | allocation | predicted time | original ms | compressed ms | speedup | "
-             "MACs kept | efficiency | dense layers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MACs kept | efficiency | dense layers | output error | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        head = f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['macs_budget']} |"
         if "infeasible" in r:
-            lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['macs_budget']} | - | "
-                         f"{r['infeasible']} | | | | | | |")
+            lines.append(f"{head} - | {r['infeasible']} | | | | | | | | |")
             continue
-        for kind in ("fastest", "mac_only"):
-            d = r[kind]
-            lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['macs_budget']} | "
-                         f"{kind.replace('_', '-')} | {d['predicted_fraction']:.2f} | {r['original_ms']:.1f} | "
-                         f"{d['ms']:.1f} | {d['speedup']:.2f}x | {100 * d['macs_kept']:.0f}% | "
-                         f"**{d['efficiency']:.2f}** | {d['dense_layers']} |")
+        for kind, d in r["allocations"].items():
+            acc = "-" if d.get("accuracy_after") is None else \
+                f"{100 * r['accuracy_before']:.1f}% → {100 * d['accuracy_after']:.1f}%"
+            lines.append(f"{head} {kind} | {d['predicted_fraction']:.2f} | {r['original_ms']:.1f} | {d['ms']:.1f} | "
+                         f"{d['speedup']:.2f}x | {100 * d['macs_kept']:.0f}% | **{d['efficiency']:.2f}** | "
+                         f"{d['dense_layers']} | {d['output_rel_error']:.3f} | {acc} |")
+        for kind, why in r.get("infeasible_allocations", {}).items():
+            lines.append(f"{head} {kind} | infeasible: {why.split(': ', 1)[-1][:160]} | | | | | | | | |")
     lines += ["", "*predicted time*: the additive model's time fraction of the original (layers timed alone); the "
               "measured fraction is 1 / speedup.", ""]
     for block in data["layers"]:

@@ -263,7 +263,7 @@ def compress(
     latency_budget: Optional[str] = typer.Option(
         None, "--latency-budget", help="keep the compressed model's MEASURED time at most this fraction of the "
                                        "original's (eager, batch 1 or --speed-batch, torch's threads); combines with "
-                                       "--params, not --macs (see docs/speed.md)"),
+                                       "--params or with --macs, not both (see docs/speed.md)"),
 ) -> None:
     """Compress MODEL and write the compressed model, report.json and report.md to --out.
 
@@ -276,6 +276,7 @@ def compress(
 
     Latency budget: --latency-budget 0.5 keeps the compressed model's measured time (eager, batch 1 or --speed-batch)
     at most half the original's; the summary's "latency:" line gives the requested, predicted and measured fractions.
+    With --macs 0.5 as well, both hold: the least-error model within half the MACs and half the time.
     """
     from . import api, io
     from .data import evaluate_accuracy, load_dataset

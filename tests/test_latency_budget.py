@@ -315,3 +315,13 @@ def test_inplace_reuses_the_cost_models_measurement_of_the_original(timed):
     lat = res.report.metrics["latency"]
     assert lat["original_ms"] == lat["cost_model"]["original_ms"]
     assert lat["measured"] == pytest.approx(_fraction(net, ref), rel=1e-9) and lat["measured"] <= 0.6
+
+
+def test_cli_latency_budget_with_macs(timed, tmp_path):
+    r, out = _cli(tmp_path, "--latency-budget", "0.8", "--macs", "0.7")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["budget"]["latency"] == 0.8 and rep["budget"]["macs"] == 0.7
+    model = rankslim.load(out / "model.rankslim", model=TinyNet())
+    x = torch.zeros(1, *SHAPE)
+    assert count_macs(model, x) <= 0.7 * count_macs(_net(), x) and _fraction(model, _net()) <= 0.8
