@@ -167,13 +167,18 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
     return out
 
 
+def row_key(r: dict) -> tuple:
+    """What one configuration is keyed by, in rows and ``not_run`` entries alike: (model, budget, runtime, batch)."""
+    return r["model"], r["macs_budget"], r["runtime"], r["batch"]
+
+
 def drop_measured_not_run(data: dict) -> None:
     """Remove the ``not_run`` entries whose (model, budget, runtime, batch) has rows: after ``--merge`` an earlier run
     may have measured what this one left out (and duplicates go)."""
-    have = {(r["model"], r["macs_budget"], r["runtime"], r["batch"]) for r in data["rows"]}
+    have = {row_key(r) for r in data["rows"]}
     seen, keep = set(), []
     for n in data["not_run"]:
-        key = (n["model"], n["macs_budget"], n["runtime"], n["batch"])
+        key = row_key(n)
         if key not in have and key not in seen:
             seen.add(key)
             keep.append(n)
@@ -344,10 +349,8 @@ def main() -> None:
                         for mdl in cfg["models"] for f in FULL["budgets"] if f not in cfg["budgets"]
                         for rt in cfg["runtimes"] for b in cfg["batches"]]
     if old is not None:
-        def key(r: dict) -> tuple:
-            return r["model"], r["macs_budget"], r["runtime"], r["batch"]
-        measured = {key(r) for r in data["rows"]}
-        kept = [r for r in old["rows"] if key(r) not in measured]
+        measured = {row_key(r) for r in data["rows"]}
+        kept = [r for r in old["rows"] if row_key(r) not in measured]
         data["rows"] = kept + data["rows"]
         data["merged_from_earlier_runs"] = sorted({r["model"] for r in kept})
         data["not_run"] = old.get("not_run", []) + data["not_run"]

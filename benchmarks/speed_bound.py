@@ -131,22 +131,31 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine_info(), "threads": threads, "config": cfg, "rows": [], "layers": [],
                            "load_average_at_start": _load()}
     b = int(cfg["batch"])
+
+    def save() -> None:
+        out["load_average_at_end"] = _load()
+        out["seconds"] = round(time.perf_counter() - t_start, 1)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
+
     for spec_str in cfg["models"]:
         spec = resolve_model(spec_str)
         test = load_dataset(spec.dataset, "test") if spec.dataset is not None else None
 
         def acc_of(model: torch.nn.Module) -> float | None:
             return None if test is None else evaluate_accuracy(model, test, max_samples=int(cfg["eval_samples"]))
+        accuracy_before = acc_of(spec.model)
         probe = make_example(spec.input_shape, 1)
         macs_original = total_macs(spec.model, probe)
+        # the working copy is never modified here (models are built by compress), so one selection serves all runtimes
+        sel = select(spec.model, spec.input_shape, "svd", keep_head=True)
+        table = cost_table(sel, quantities=("macs",))
+        by_name = table.by_name()
+        target_dense_macs = sum(lo.dense.macs for lo in table.layers)
         for rt in cfg["runtimes"]:
-            sel = select(spec.model, spec.input_shape, "svd", keep_head=True)
-            table = cost_table(sel, quantities=("macs",))
             lm = latency_model(sel, table, runtime=rt, batch=b, threads=threads, samples=int(cfg["samples"]))
-            by_name = table.by_name()
             out["layers"].append({"model": spec_str, "runtime": rt, "batch": b,
                                   "geometries": layer_fractions(sel, table, lm.measured)})
-            target_dense_macs = sum(lo.dense.macs for lo in table.layers)
             for frac in cfg["budgets"]:
                 choices = {}
                 for name, m in lm.measured.items():
@@ -185,7 +194,7 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
                                         threads=threads, check_seconds=float(cfg["check_seconds"]))
                 o_ms = ms[0]
                 row.update({"original_ms": o_ms, "timed_calls": calls, "timing": "alternated",
-                            "accuracy_before": acc_of(spec.model), "allocations": {}, "infeasible_allocations": infeasible})
+                            "accuracy_before": accuracy_before, "allocations": {}, "infeasible_allocations": infeasible})
                 for n, c_ms in zip(names, ms[1:]):
                     res = built[n]
                     alloc = ranks if n == "fastest" else {k: res.allocation.get(k) for k in lm.measured}
@@ -200,14 +209,8 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
                 print(json.dumps({k: v for k, v in row.items() if k != "allocations"} | {"allocations": {
                     n: {k: v for k, v in a.items() if k != "ranks"} for n, a in row["allocations"].items()}}),
                     flush=True)
-                out["load_average_at_end"] = _load()
-                out["seconds"] = round(time.perf_counter() - t_start, 1)
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
-    out["load_average_at_end"] = _load()
-    out["seconds"] = round(time.perf_counter() - t_start, 1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
+                save()
+    save()
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import RankslimError
+from .inputs import map_tensors
 
 #: ``eager``: PyTorch as the model is; ``eager-cl``: PyTorch with 4-D weights and inputs in channels-last memory
 #: format (a copy of the model: the deployment layout oneDNN convolutions run without reorders);
@@ -48,16 +49,7 @@ def channels_last(model: nn.Module, x: Any) -> tuple[nn.Module, Any]:
     runtime times these; the user's model is never converted."""
     import copy
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-    def conv(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-        if isinstance(t, (tuple, list)):
-            return type(t)(conv(v) for v in t)
-        if isinstance(t, dict):
-            return {k: conv(v) for k, v in t.items()}
-        return t
-    return cl, conv(x)
+    return cl, map_tensors(x, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 @dataclass
