@@ -7,8 +7,9 @@ kept dense).  For every (model, fraction, runtime, batch), three allocations:
 
 * **mac-only**: ``compress(macs=F, speed_aware=False)``: the default allocator (``cptv``) on the MAC budget;
 * **speed-aware**: ``compress(macs=F, speed_aware={runtime, batch, threads})``: the same exact MAC budget, a layer
-  factorized only at ranks measured faster than dense on that runtime and batch (what ``speed_aware="auto"``, the
-  default, does when measuring is cheap).  When no such allocation meets the MAC budget the row says
+  factorized only at ranks measured faster than dense on that runtime and batch, then the time-aware step (the
+  fastest allocation by the layer timings with no larger error proxy than cptv's, :mod:`rankslim.allocate.timed`):
+  what ``speed_aware="auto"``, the default, does when measuring is cheap.  When no such allocation meets the MAC budget the row says
   *infeasible* (auto then falls back to mac-only);
 * **latency**: ``compress(latency=F, speed_aware={...})``: the model's MEASURED time at most F of the original's
   (:mod:`rankslim.latency_budget`); its MACs are whatever that takes. *infeasible* with the smallest reachable
@@ -197,7 +198,10 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
              "way ResNet-50 eager-cl b32 speed-aware measured 1.74x, alternated 1.48x: treat † speedups as "
              "±15%). Runtimes: eager, eager-cl (channels-last PyTorch), onnxruntime. Efficiency = speedup ÷ MAC "
              "reduction. Allocations: *mac-only* (cptv on the MAC budget), *speed-aware* (the same MAC budget, a "
-             "layer factorized only at ranks measured faster than dense: the default when measuring is cheap), "
+             "layer factorized only at ranks measured faster than dense, then the time-aware step: the fastest "
+             "allocation by the layer timings whose error proxy is no larger than cptv's, which may keep fewer MACs "
+             "than the budget; the default when measuring is cheap; rows marked ‡ were measured before the "
+             "time-aware step existed), "
              "*latency* (`compress(latency=F)`: measured time at most F of the original's). SVD, output head dense, "
              "no fine-tuning, no BatchNorm re-estimation and the stem conv compressed: the accuracies are those of "
              "raw data-free SVD at these budgets (the README's main job keeps the stem, re-estimates BN and "
@@ -231,7 +235,7 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
         check = r.get("whole_model_check") or []
         note = (" (check: " + ", ".join(f"{100 * t['margin']:.0f}% {t['speedup']:.2f}x" for t in check) + ")"
                 if len(check) > 1 else "")
-        dagger = "" if r.get("timing") == "alternated" else " †"
+        dagger = ("" if r.get("timing") == "alternated" else " †") + (" ‡" if before_time_aware(r) else "")
         lines.append(head + f"{r['compressed_ms']:.2f} | {r['speedup']:.2f}x{dagger}{note} | {100 * r['macs_kept']:.0f}% | "
                      f"{r['efficiency']:.2f} | {acc} |")
     done = [r for r in data["rows"] if "infeasible" not in r]
@@ -250,7 +254,7 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
     if target:
         lines += ["", "Target (issue 11): efficiency >= 0.8 for ResNet-50 at macs 0.5, batch 32: "
                   + "; ".join(f"{r['allocation']} {r['runtime']} {r['efficiency']:.2f}"
-                              f"{'' if r.get('timing') == 'alternated' else ' †'}"
+                              f"{'' if r.get('timing') == 'alternated' else ' †'}{' ‡' if before_time_aware(r) else ''}"
                               f" ({'met' if r['efficiency'] >= 0.8 else 'not met'})" for r in target) + "."]
     if data.get("not_run"):
         lines += ["", "Not measured (out of the run's time: `--max-minutes` reached, left out with `--batches` (VGG-16 at batch 32: about 6 s per eager call here, from 32 x the 178 ms of batch 1; the layer timing grid at batch 32 would take tens of minutes), or stopped by hand): "
@@ -298,6 +302,11 @@ def docs(data: dict, md_path: Path = DOC, png_path: Path = PLOT) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def before_time_aware(row: dict[str, Any]) -> bool:
+    """A speed-aware row measured before compress() had the time-aware step (its allocation_mode lacks the record)."""
+    return row.get("allocation") == "speed-aware" and "time_aware" not in (row.get("allocation_mode") or {})
 
 
 def main() -> None:

@@ -72,20 +72,15 @@ def fastest_allocation(choices: dict[str, list[tuple[int | None, int, float]]], 
     ``choices``: ``{layer: [(rank or None for dense, macs, ms), ...]}``.  Returns ``{layer: rank or None}``, or
     ``None`` when no combination fits.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from rankslim.allocate.choice import ChoiceRow, solve_choice
 
     names = list(choices)
-    flat = [(n, c) for n in names for c in choices[n]]
-    cost = np.array([ms for _, (_, _, ms) in flat])
-    macs = np.array([float(m) for _, (_, m, _) in flat])
-    one_each = np.zeros((len(names), len(flat)))
-    for j, (n, _) in enumerate(flat):
-        one_each[names.index(n), j] = 1.0
-    res = milp(cost, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(macs[None, :], mac_floor, mac_limit)])
-    if res.x is None:
+    res = solve_choice([np.array([ms for _, _, ms in choices[n]]) for n in names],
+                       [ChoiceRow([np.array([float(m) for _, m, _ in choices[n]]) for n in names], mac_floor,
+                                  mac_limit)])
+    if res.choice is None:
         return None
-    return {n: c[0] for (n, c), x in zip(flat, res.x) if x > 0.5}
+    return {n: choices[n][k][0] for n, k in zip(names, res.choice)}
 
 
 def layer_fractions(sel, table, measured) -> list[dict[str, Any]]:

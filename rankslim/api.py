@@ -14,7 +14,7 @@ from .allocate import Budget
 from .decompose.svd import SOLVERS
 from .errors import BudgetError, OptionError, RankslimError
 from .pipeline import (CompressionResult, allocate, build, calibrate, choose_allocator, cost_table, finalize,
-                       select, speed_aware as speed_aware_table)
+                       select, speed_aware as speed_aware_table, time_aware)
 from .speed_mode import auto_decision, mac_only, speed_request
 
 
@@ -110,6 +110,12 @@ def compress(
       "samples": 8}``): always measure; an infeasible budget raises :class:`BudgetError`.
     * ``False``: MAC-only.
     * ``{"mode": "auto", "max_seconds": 60, "batch": 32, ...}``: auto with another threshold / measuring options.
+
+    Time-aware step (speed-aware MAC budgets with an allocator that meets budgets; ``{"time_aware": False}``
+    skips it): the allocator's ranks are replaced by the allocation with the least measured time (layers timed
+    alone, summed) that meets the same budget with no larger error proxy, the sum over layers of each layer's
+    relative residual spectrum energy (``{"error_slack": 0.1}`` allows 10% more), solved exactly by a MILP
+    (:mod:`rankslim.allocate.timed`).  ``report.metrics["allocation_mode"]["time_aware"]`` has both predictions.
 
     Whole-model check (speed-aware only; ``{"check": False}`` skips it): the built model is timed against the
     original on the same runtime / batch / threads (:mod:`rankslim.whole_model`).  When it is not faster, the
@@ -285,6 +291,8 @@ def compress(
             table, check = plain_table, None
             allocation = allocate(sel, table, alloc, budget, ranks=ranks, calibration=cal, seed=seed, solver=solver,
                                   eval_fn=eval_fn)
+    if check is not None and _time_aware_applies(request, alloc, budget):
+        allocation = time_aware(table, allocation, check, budget, slack=request.error_slack)
     timings["allocate"] = time.perf_counter() - t0 - timings.get("speed_measure", 0.0)
 
     t0 = time.perf_counter()
@@ -329,6 +337,12 @@ def compress(
         if estimate is not None:
             mode.update(estimated_s=round(estimate.seconds, 3), to_measure=estimate.to_measure,
                         cached=estimate.cached)
+        ta = getattr(allocation, "info", {}).get("time_aware")
+        if ta is not None:
+            mode["time_aware"] = {k: ta[k] for k in ("time_aware", "predicted_ms", "reference_ms", "error",
+                                                     "reference_error", "slack", "changed_layers") if k in ta}
+        elif not request.time_aware:
+            mode["time_aware"] = {"time_aware": "off"}
     if whole is not None:
         result.report.metrics["whole_model"] = whole
         result.report.notes.extend(whole["notes"])
@@ -378,6 +392,12 @@ def _time_mac_only(sel, built, request) -> dict[str, Any]:
         f"warning: {describe(t)}: this MAC-only model is not faster than the original (auto mode did not measure "
         "the layers); speed_aware=True (--speed-aware) factorizes only layers measured faster"]
     return {"tried": [t.to_dict()], "chosen": t.to_dict(), "notes": notes, "seconds": time.perf_counter() - t0}
+
+
+def _time_aware_applies(request, alloc, budget: Budget) -> bool:
+    """The time-aware step runs after allocators that meet a MAC budget, unless turned off: a rank rule (vbmf,
+    gavish-donoho) fixes ranks by itself and only has its budget checked."""
+    return request.time_aware and alloc is not None and alloc.budget == "required" and budget.macs is not None
 
 
 def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budget, request, *, inplace: bool,
@@ -431,6 +451,8 @@ def _checked_build(sel, allocation, cal, table, plain_table, check, alloc, budge
         try:
             allocation = allocate(sel, table, alloc, budget, calibration=cal, seed=seed, solver=solver,
                                   eval_fn=eval_fn)
+            if _time_aware_applies(request, alloc, budget):
+                allocation = time_aware(table, allocation, check, budget, slack=request.error_slack)
         except BudgetError:
             notes.append(f"whole-model check: at a {margin:.0%} layer margin the budget cannot be met")
             break

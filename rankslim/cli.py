@@ -129,12 +129,17 @@ def _option_error(exc: Exception, method_option: list[str], allocator_option: li
 
 
 def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_seconds: Optional[float],
-                  check: bool = True, runtime: Optional[str] = None):
+                  check: bool = True, runtime: Optional[str] = None, time_aware: bool = True,
+                  error_slack: Optional[float] = None):
     """``compress(speed_aware=...)`` from the tri-state flags: ``--speed-aware`` on, ``--mac-only`` off, neither
     auto; options that cannot apply to the chosen state are refused (they would be silently ignored)."""
     if mac_only and not check:
         raise RankslimError("--no-speed-check skips the whole-model check of speed-aware allocation, which --mac-only "
                             "turns off: drop one of them")
+    if mac_only and (not time_aware or error_slack is not None):
+        flag = "--no-time-aware" if not time_aware else "--speed-error-slack"
+        raise RankslimError(f"{flag} sets the time-aware step of speed-aware allocation, which --mac-only turns off: "
+                            "drop one of them")
     if speed_aware and mac_only:
         raise RankslimError("--speed-aware and --mac-only contradict each other: pass one of them, or neither for "
                             "auto (speed-aware for a --macs budget when measuring is cheap)")
@@ -151,6 +156,10 @@ def _speed_choice(speed_aware: bool, mac_only: bool, batch: Optional[int], max_s
     opts = {k: v for k, v in (("runtime", runtime), ("batch", batch), ("max_seconds", max_seconds)) if v is not None}
     if not check:
         opts["check"] = False
+    if not time_aware:
+        opts["time_aware"] = False
+    if error_slack is not None:
+        opts["error_slack"] = error_slack
     if speed_aware:
         return opts or True
     return {"mode": "auto", **opts} if opts else "auto"
@@ -241,6 +250,12 @@ def compress(
     speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
                                      help="speed-aware mode: time the built model against the original and, when it "
                                           "is not faster, keep more layers dense (default on; see docs/speed.md)"),
+    time_aware: bool = typer.Option(True, "--time-aware/--no-time-aware",
+                                    help="speed-aware mode: after the allocator, take the fastest allocation (layer "
+                                         "timings) meeting the budget with no larger error proxy (default on)"),
+    speed_error_slack: Optional[float] = typer.Option(
+        None, "--speed-error-slack", help="time-aware step: allow this fraction more error proxy than the allocator's "
+                                          "for speed (default 0)"),
     speed_max_seconds: Optional[float] = typer.Option(
         None, "--speed-max-seconds", help="auto mode: measure only when the estimated measuring time is at most this "
                                           "many seconds (default 20)"),
@@ -283,7 +298,8 @@ def compress(
     from .zoo import resolve_model
 
     with cli_errors():
-        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds, speed_check, speed_runtime)
+        speed = _speed_choice(speed_aware, mac_only, speed_batch, speed_max_seconds, speed_check, speed_runtime,
+                              time_aware, speed_error_slack)
         latency_fraction = _latency_budget(latency_budget)
         if model is None:
             # the bundled main job: reference ResNet-20, half the MACs, stem kept dense, BatchNorm re-estimated

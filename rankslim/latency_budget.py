@@ -104,6 +104,9 @@ def check_request(latency: Any, speed_aware: Any, request, *, params: float | No
     if isinstance(speed_aware, Mapping) and "check" in speed_aware:
         raise OptionError("speed_aware check (--no-speed-check) belongs to speed-aware MAC budgets; a latency budget "
                           "always times the built model: drop it")
+    if isinstance(speed_aware, Mapping) and {"time_aware", "error_slack"} & set(speed_aware):
+        raise OptionError("speed_aware time_aware / error_slack belong to speed-aware MAC budgets; a latency budget "
+                          "allocates on the measured times directly: drop them")
     if "margin" in request.options:
         raise OptionError("speed_aware margin belongs to speed-aware MAC budgets; a latency budget compares measured "
                           "times directly: drop it")

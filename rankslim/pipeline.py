@@ -367,6 +367,20 @@ def speed_aware(selection: Selection, table: CostTable, *, runtime: str = "eager
     return CostTable(layers, table.original, round_to=table.round_to, quantities=table.quantities), check
 
 
+def time_aware(table: CostTable, allocation: Mapping[str, int | None], check: SpeedCheck, budget: Budget, *,
+               slack: float = 0.0) -> Allocation:
+    """Speed-aware mode's second step: the allocator's ``allocation`` replaced by the fastest allocation (by
+    ``check``'s measured layer times) that meets ``budget`` with an error proxy at most ``1 + slack`` times its
+    own (:func:`rankslim.allocate.timed.fastest_within_error`).  Singular-value scales (COBLA) are kept only for
+    layers whose rank did not change; ``info["time_aware"]`` records both predicted times and errors."""
+    from .allocate.timed import fastest_within_error
+    got = fastest_within_error(table, allocation, check.measured, budget, slack=slack)
+    changed = sorted(n for n in got if got[n] != allocation.get(n))
+    scales = {n: v for n, v in getattr(allocation, "scales", {}).items() if n not in changed}
+    info = {**getattr(allocation, "info", {}), "time_aware": {**got.info, "changed_layers": len(changed)}}
+    return Allocation(dict(got), scales, info)
+
+
 # ------------------------------------------------------------------------------------------ allocate
 
 

@@ -67,6 +67,10 @@ class SpeedRequest:
     max_seconds: float = DEFAULT_MAX_SECONDS
     #: time the built model against the original (:mod:`rankslim.whole_model`) and tighten the margin when slower
     check: bool = True
+    #: after the allocator, the time-aware step (:mod:`rankslim.allocate.timed`): the fastest allocation at the
+    #: budget whose error proxy is at most ``1 + error_slack`` times the allocator's
+    time_aware: bool = True
+    error_slack: float = 0.0
 
     @property
     def measure_options(self) -> dict[str, Any]:
@@ -80,13 +84,24 @@ class SpeedRequest:
                 **{k: v for k, v in self.measure_options.items() if k != "margin"}}
 
 
+#: what ``speed_aware={...}`` takes besides the measuring options
+CONTROL_OPTIONS = ("mode", "max_seconds", "check", "time_aware", "error_slack")
+
+
 def _check_options(opts: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(opts) - set(MEASURE_OPTIONS) - {"mode", "max_seconds", "check"})
+    unknown = sorted(set(opts) - set(MEASURE_OPTIONS) - set(CONTROL_OPTIONS))
     if unknown:
-        raise OptionError(f"speed_aware takes {', '.join(MEASURE_OPTIONS)}, mode, max_seconds, check; not {unknown}")
+        raise OptionError(f"speed_aware takes {', '.join(MEASURE_OPTIONS + CONTROL_OPTIONS)}; not {unknown}")
     if "check" in opts and not isinstance(opts["check"], bool):
         raise OptionError(f"speed_aware check is True (time the built model against the original, the default) or "
                           f"False, got {opts['check']!r}")
+    if "time_aware" in opts and not isinstance(opts["time_aware"], bool):
+        raise OptionError(f"speed_aware time_aware is True (after the allocator, take the fastest allocation with no "
+                          f"larger error proxy, the default) or False, got {opts['time_aware']!r}")
+    slack = opts.get("error_slack")
+    if slack is not None and (isinstance(slack, bool) or not isinstance(slack, (int, float)) or not 0 <= slack <= 10):
+        raise OptionError(f"speed_aware error_slack is how much larger (a fraction >= 0, at most 10; 0.1: 10%) the "
+                          f"time-aware step may make the error proxy than the allocator's, got {slack!r}")
     out = dict(opts)
     if "runtime" in out and out["runtime"] not in RUNTIMES:
         raise OptionError(f"speed_aware runtime must be one of {', '.join(RUNTIMES)}, got {out['runtime']!r}")
@@ -108,7 +123,9 @@ def _check_options(opts: Mapping[str, Any]) -> dict[str, Any]:
 def speed_request(value: bool | str | Mapping[str, Any] | None) -> SpeedRequest:
     """Parse ``compress(speed_aware=...)``: ``True`` / ``False`` / ``"auto"`` (also ``"on"`` / ``"off"``) or a
     dict of measuring options (``{"batch": 32}``; on unless it says ``"mode": "auto"``, which also takes
-    ``"max_seconds"``; ``"check": False`` skips the whole-model check of :mod:`rankslim.whole_model`).
+    ``"max_seconds"``; ``"check": False`` skips the whole-model check of :mod:`rankslim.whole_model`;
+    ``"time_aware": False`` skips the time-aware step of :mod:`rankslim.allocate.timed` and ``"error_slack": s``
+    lets that step raise the error proxy by the fraction ``s``).
     ``$RANKSLIM_SPEED_AWARE`` is read only in auto mode.  Bad values raise OptionError."""
     opts: dict[str, Any] = {}
     if isinstance(value, bool):
@@ -127,18 +144,23 @@ def speed_request(value: bool | str | Mapping[str, Any] | None) -> SpeedRequest:
     has_limit = "max_seconds" in opts
     max_seconds = float(opts.pop("max_seconds", DEFAULT_MAX_SECONDS))
     check = bool(opts.pop("check", True))
+    timed = {"time_aware": bool(opts.pop("time_aware", True)), "error_slack": float(opts.pop("error_slack", 0.0))}
+    if not timed["time_aware"] and timed["error_slack"]:
+        raise OptionError("speed_aware error_slack belongs to the time-aware step, which time_aware=False turns off: "
+                          "drop one of them")
     if mode != "auto" and has_limit:
         raise OptionError("speed_aware max_seconds is the threshold of auto mode: pass {'mode': 'auto', "
                           "'max_seconds': S} (with speed_aware on, everything is measured whatever it costs)")
     if mode != "auto":
-        return SpeedRequest(mode, True, f"speed_aware={'True' if mode == 'on' else 'False'}", opts, max_seconds, check)
+        return SpeedRequest(mode, True, f"speed_aware={'True' if mode == 'on' else 'False'}", opts, max_seconds, check,
+                            **timed)
     env = os.environ.get(SPEED_ENV, "").strip().lower()
     if env not in ("", "auto", "on", "off"):
         raise OptionError(f"${SPEED_ENV} must be auto, on or off, got {env!r}: fix or unset it (or pass "
                           "speed_aware=True / False, which it does not override)")
     if env in ("on", "off"):
-        return SpeedRequest(env, False, f"{SPEED_ENV}={env}", opts, max_seconds, check)
-    return SpeedRequest("auto", False, "auto", opts, max_seconds, check)
+        return SpeedRequest(env, False, f"{SPEED_ENV}={env}", opts, max_seconds, check, **timed)
+    return SpeedRequest("auto", False, "auto", opts, max_seconds, check, **timed)
 
 
 # ------------------------------------------------------------------------------------------ estimate
@@ -263,6 +285,13 @@ def describe(mode: Mapping[str, Any]) -> str:
         if mode.get("estimated_s") is not None:
             why += ("; all timings cached" if not mode.get("to_measure")
                     else f"; measuring estimated at {seconds_text(float(mode['estimated_s']))}")
+        ta = mode.get("time_aware") or {}
+        if ta.get("time_aware") == "fastest within error":
+            why += (f"; time-aware: {ta.get('changed_layers')} layer rank(s) moved, predicted "
+                    f"{float(ta['predicted_ms']):.3g} ms vs the allocator's {float(ta['reference_ms']):.3g} ms at no "
+                    f"more than {1 + float(ta.get('slack', 0)):g}x its error proxy")
+        elif ta.get("time_aware") == "off":
+            why += "; time-aware step off"
         if mode.get("whole_model_speedup") is not None:
             why += f"; whole model measured {float(mode['whole_model_speedup']):.2f}x the original's speed"
         return f"speed-aware ({how}; {why})"

@@ -96,40 +96,25 @@ def pos_cvx_allocate(table: CostTable, budget: Budget, max_candidates: int | Non
     ``time_limit`` (seconds) and ``mip_rel_gap`` are passed to HiGHS.  Raises
     :class:`BudgetError` when the budget is infeasible or HiGHS finds no solution in time.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from .choice import ChoiceRow, solve_choice
 
     _need_budget(budget, "pos-cvx")
     table.require_feasible(budget)
     t0 = time.perf_counter()
     chains: list[Chain] = [layer_chain(table, lo, max_candidates) for lo in table.layers]
-    sizes = [len(c.ranks) for c in chains]
-    n = sum(sizes)
-    offs = np.concatenate([[0], np.cumsum(sizes)])
-    obj = -np.concatenate([np.log(np.maximum(c.energy, 1e-300)) for c in chains])
-    rows, lbs, ubs = [], [], []
-    # one choice per layer
-    for i in range(len(chains)):
-        a = np.zeros(n)
-        a[offs[i]:offs[i + 1]] = 1.0
-        rows.append(a), lbs.append(1.0), ubs.append(1.0)
-    for q in budget.quantities:
-        lim = budget.limit(q, table.original) - table.fixed.get(q)
-        scale = max(abs(lim), 1.0)  # keep the row near unit scale for HiGHS
-        rows.append(np.concatenate([c.costs[q] for c in chains]) / scale)
-        lbs.append(-np.inf), ubs.append(lim / scale)
-    res = milp(obj, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(n),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap})
-    if res.x is None:
+    n = sum(len(c.ranks) for c in chains)
+    rows = [ChoiceRow([c.costs[q] for c in chains], upper=budget.limit(q, table.original) - table.fixed.get(q))
+            for q in budget.quantities]
+    res = solve_choice([-np.log(np.maximum(c.energy, 1e-300)) for c in chains], rows, time_limit=time_limit,
+                       mip_rel_gap=mip_rel_gap)
+    if res.choice is None:
         raise BudgetError(f"pos-cvx: HiGHS found no solution ({res.message}); raise time_limit or the budget")
-    x = np.round(res.x)
-    ranks: Ranks = {}
-    for i, c in enumerate(chains):
-        ranks[c.option.name] = c.ranks[int(np.argmax(x[offs[i]:offs[i + 1]]))]
+    ranks: Ranks = {c.option.name: c.ranks[k] for c, k in zip(chains, res.choice)}
     if not table.fits(ranks, budget):  # HiGHS feasibility tolerance on a scaled row: tighten by one step
         from .base import project_to_budget
         ranks = project_to_budget(table, ranks, budget)
-    return Allocation(ranks, info={"objective": pos_objective(table, ranks), "milp_status": int(res.status),
-                                   "milp_message": str(res.message), "variables": n,
+    return Allocation(ranks, info={"objective": pos_objective(table, ranks), "milp_status": res.status,
+                                   "milp_message": res.message, "variables": n,
                                    "solver_seconds": time.perf_counter() - t0,
                                    "optimal": bool(res.status == 0)})
 

@@ -1,0 +1,107 @@
+"""The time-aware step of speed-aware allocation: at the same MAC budget and no larger approximation error, the
+allocation whose layers, as measured, take the least time.
+
+An error-minimising allocator (cptv by default) spreads a MAC budget over the layers by their spectra alone.
+Measured on a CPU, a factorized layer's time is far from proportional to its MACs: near half rank a factorized
+1×1 convolution can take 60-110% of the dense time, while at a small rank it takes 20-35% (see
+``docs/results/speed_bound.md``).  So among the many allocations that meet the budget with about the same error,
+some are much faster.  :func:`fastest_within_error` finds the fastest of those that are no worse than the
+allocator's own choice in the error proxy, as a multiple-choice 0-1 program (:mod:`.choice`)::
+
+    minimise    sum_i t_i(r_i)                          measured ms of layer i at rank r_i (dense: r_i = None)
+    subject to  sum_i c_i^q(r_i) <= B_q - fixed_q       every budgeted quantity q (MACs, params)
+                sum_i d_i(r_i)   <= (1 + slack) * D_ref  D_ref = sum_i d_i(reference_i)
+                d_i(r) = 1 - sum_{j<=r} sigma_ij^2 / sum_j sigma_ij^2   (relative residual energy, 0 when dense)
+
+The candidates of layer i are dense, the ranks its timings sampled and the reference rank (so the reference is
+feasible and the result is never predicted slower).  ``d_i`` is each layer's relative squared approximation error
+(of its output on the calibration data for data-aware methods, whose spectra are those of the problem solved);
+summing it treats the layers' errors as adding up, which is the usual first-order reading, not a guarantee of
+accuracy: benchmarks compare accuracy on trained models (``benchmarks/speed.py``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import Allocation, Budget, CostTable, Ranks
+from .choice import ChoiceRow, solve_choice
+
+#: absolute allowance on the error row for floating-point ties (the error proxy is a sum of fractions)
+ERROR_TOL = 1e-9
+
+
+def residual_fraction(sigma, r: int | None) -> float:
+    """``1 - sum_{j<=r} sigma_j^2 / sum_j sigma_j^2`` for a descending spectrum ``sigma`` (``None``: dense, 0)."""
+    if r is None:
+        return 0.0
+    s2 = np.square(np.asarray(sigma.double().cpu() if hasattr(sigma, "double") else sigma, dtype=float))
+    total = float(s2.sum())
+    return 0.0 if total <= 0 else max(0.0, 1.0 - float(s2[: int(r)].sum()) / total)
+
+
+def _interpolate(times: Mapping[int, float], r: int) -> float:
+    from ..latency_cache import interpolate
+    return float(interpolate(times, int(r)))
+
+
+def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
+                         timings: Mapping[str, Mapping[str, Any]], budget: Budget, *, slack: float = 0.0,
+                         time_limit: float = 30.0) -> Allocation:
+    """The fastest allocation (by ``timings``) meeting ``budget`` whose error proxy is at most ``(1 + slack)``
+    times ``reference``'s (module docstring).
+
+    ``table``: the cost table the reference was allocated on (its ``decide`` rounds ranks and, in speed-aware
+    mode, drops ranks not measurably faster); ``reference``: ``{layer: rank | None}``; ``timings``:
+    ``{layer: {"dense": ms, "ranks": {rank: ms}}}`` (:func:`rankslim.latency_cache.measure_layer`), ms per batch;
+    ``slack`` >= 0.  Returns the reference unchanged (``info["time_aware"] = "kept"``) when nothing faster is
+    found; ``info`` holds both predicted times and errors.
+    """
+    t0 = time.perf_counter()
+    names, options, times, errors, costs = [], [], [], [], {q: [] for q in budget.quantities}
+    ref_time = ref_err = 0.0
+    for lo in table.layers:
+        m = timings[lo.name]
+        measured = {int(k): float(v) for k, v in m["ranks"].items()}
+        ref = reference.get(lo.name)
+        cands: list[int | None] = [None]
+        for r in sorted({*measured, *([ref] if ref is not None else [])}):
+            d = table.decide(lo, r)
+            if d is not None and d not in cands:
+                cands.append(d)
+        if ref is not None and ref not in cands:  # the reference's own rank, even if decide() would round it
+            cands.append(ref)
+
+        def ms(r: int | None) -> float:
+            return float(m["dense"]) if r is None else _interpolate(measured, r)
+        names.append(lo.name)
+        options.append(cands)
+        times.append(np.array([ms(r) for r in cands]))
+        errors.append(np.array([residual_fraction(lo.sigma, r) for r in cands]))
+        for q in costs:
+            costs[q].append(np.array([float(table.layer_cost(lo, r).get(q)) for r in cands]))
+        ref_time += ms(ref)
+        ref_err += residual_fraction(lo.sigma, ref)
+    cap = (1.0 + float(slack)) * ref_err + ERROR_TOL
+    rows = [ChoiceRow(costs[q], upper=budget.limit(q, table.original) - table.fixed.get(q)) for q in costs]
+    rows.append(ChoiceRow(errors, upper=cap))
+    res = solve_choice(times, rows, time_limit=time_limit)
+    info: dict[str, Any] = {"reference_ms": ref_time, "reference_error": ref_err, "slack": float(slack),
+                            "solver_seconds": round(time.perf_counter() - t0, 3), "milp_status": res.status}
+    ranks: Ranks = dict(reference)
+    if res.choice is not None:
+        cand = {n: opts[k] for n, opts, k in zip(names, options, res.choice)}
+        got_ms = sum(float(t[k]) for t, k in zip(times, res.choice))
+        got_err = sum(float(e[k]) for e, k in zip(errors, res.choice))
+        # re-check in the table's own units: HiGHS's tolerance is absolute on scaled rows
+        if table.fits(cand, budget) and got_err <= cap and got_ms < ref_time:
+            ranks = cand
+            info.update(predicted_ms=got_ms, error=got_err, time_aware="fastest within error")
+    if "time_aware" not in info:
+        info.update(predicted_ms=ref_time, error=ref_err, time_aware="kept")
+    return Allocation(ranks, info=info)
+
+
+__all__ = ["ERROR_TOL", "fastest_within_error", "residual_fraction"]
