@@ -339,8 +339,9 @@ def compress(
                         cached=estimate.cached)
         ta = getattr(allocation, "info", {}).get("time_aware")
         if ta is not None:
-            mode["time_aware"] = {k: ta[k] for k in ("time_aware", "predicted_ms", "reference_ms", "error",
-                                                     "reference_error", "slack", "changed_layers") if k in ta}
+            mode["time_aware"] = {k: ta[k] for k in ("time_aware", "predicted_ms", "reference_ms", "solution_ms",
+                                                     "error", "reference_error", "slack", "min_gain",
+                                                     "changed_layers") if k in ta}
         elif not request.time_aware:
             mode["time_aware"] = {"time_aware": "off"}
     if whole is not None:

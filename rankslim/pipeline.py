@@ -371,10 +371,11 @@ def time_aware(table: CostTable, allocation: Mapping[str, int | None], check: Sp
                slack: float = 0.0) -> Allocation:
     """Speed-aware mode's second step: the allocator's ``allocation`` replaced by the fastest allocation (by
     ``check``'s measured layer times) that meets ``budget`` with an error proxy at most ``1 + slack`` times its
-    own (:func:`rankslim.allocate.timed.fastest_within_error`).  Singular-value scales (COBLA) are kept only for
+    own (:func:`rankslim.allocate.timed.fastest_within_error`), when predicted at least ``check.margin`` faster
+    (the threshold a layer passes too).  Singular-value scales (COBLA) are kept only for
     layers whose rank did not change; ``info["time_aware"]`` records both predicted times and errors."""
     from .allocate.timed import fastest_within_error
-    got = fastest_within_error(table, allocation, check.measured, budget, slack=slack)
+    got = fastest_within_error(table, allocation, check.measured, budget, slack=slack, min_gain=check.margin)
     changed = sorted(n for n in got if got[n] != allocation.get(n))
     scales = {n: v for n, v in getattr(allocation, "scales", {}).items() if n not in changed}
     info = {**getattr(allocation, "info", {}), "time_aware": {**got.info, "changed_layers": len(changed)}}

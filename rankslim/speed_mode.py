@@ -290,6 +290,10 @@ def describe(mode: Mapping[str, Any]) -> str:
             why += (f"; time-aware: {ta.get('changed_layers')} layer rank(s) moved, predicted "
                     f"{float(ta['predicted_ms']):.3g} ms vs the allocator's {float(ta['reference_ms']):.3g} ms at no "
                     f"more than {1 + float(ta.get('slack', 0)):g}x its error proxy")
+        elif ta.get("time_aware") == "kept" and ta.get("solution_ms") is not None:
+            gain = 1 - float(ta["solution_ms"]) / max(float(ta["reference_ms"]), 1e-12)
+            why += (f"; time-aware: the allocator's ranks kept (the fastest allocation at no larger error proxy was "
+                    f"predicted {100 * gain:.1f}% faster, below the {100 * float(ta.get('min_gain', 0)):.0f}% margin)")
         elif ta.get("time_aware") == "off":
             why += "; time-aware step off"
         if mode.get("whole_model_speedup") is not None:

@@ -55,7 +55,7 @@ def _interpolate(times: Mapping[int, float], r: int) -> float:
 
 def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
                          timings: Mapping[str, Mapping[str, Any]], budget: Budget, *, slack: float = 0.0,
-                         fill: bool = True, time_limit: float = 30.0) -> Allocation:
+                         fill: bool = True, min_gain: float = 0.0, time_limit: float = 30.0) -> Allocation:
     """The fastest allocation (by ``timings``) meeting ``budget`` whose error proxy is at most ``(1 + slack)``
     times ``reference``'s (module docstring).
 
@@ -65,7 +65,9 @@ def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
     ``slack`` >= 0; ``fill``: keep at least the budget's MACs minus :data:`FILL_GAP` of the original's (or the
     reference's MACs when lower): without it the fastest allocation at the reference's error often keeps far fewer
     MACs than granted (41% of a 50% budget on ResNet-50), where the floor spends them on a smaller error.
-    Returns the reference unchanged (``info["time_aware"] = "kept"``) when nothing faster is
+    ``min_gain``: the result replaces the reference only when predicted at least this fraction faster (speed-aware
+    mode passes its layer margin, 5%: a smaller predicted gain is within the noise of timings and not worth moving
+    ranks for).  Returns the reference unchanged (``info["time_aware"] = "kept"``) when nothing faster is
     found; ``info`` holds both predicted times and errors.
     """
     t0 = time.perf_counter()
@@ -102,6 +104,7 @@ def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
     rows.append(ChoiceRow(errors, upper=cap))
     res = solve_choice(times, rows, time_limit=time_limit)
     info: dict[str, Any] = {"reference_ms": ref_time, "reference_error": ref_err, "slack": float(slack), "fill": fill,
+                            "min_gain": float(min_gain),
                             "solver_seconds": round(time.perf_counter() - t0, 3), "milp_status": res.status}
     ranks: Ranks = dict(reference)
     if res.choice is not None:
@@ -109,7 +112,8 @@ def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
         got_ms = sum(float(t[k]) for t, k in zip(times, res.choice))
         got_err = sum(float(e[k]) for e, k in zip(errors, res.choice))
         # re-check in the table's own units: HiGHS's tolerance is absolute on scaled rows
-        if table.fits(cand, budget) and got_err <= cap and got_ms < ref_time:
+        info["solution_ms"] = got_ms
+        if table.fits(cand, budget) and got_err <= cap and got_ms < (1.0 - min_gain) * ref_time:
             ranks = cand
             info.update(predicted_ms=got_ms, error=got_err, time_aware="fastest within error")
     if "time_aware" not in info:
