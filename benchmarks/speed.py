@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from typing import Any
 import torch
 
 import rankslim
-from rankslim.bench import efficiency, machine_info, make_example, measure_latency, total_macs
+from rankslim.bench import (efficiency, load_average, machine_info, make_example, measure_latency, total_macs,
+                            write_run)
 from rankslim.errors import BudgetError
 from rankslim.whole_model import time_models
 from rankslim.zoo import ZOO, resolve_model
@@ -75,9 +75,6 @@ def _per_batch(value: int | dict, batch: int) -> int:
     return int(value[str(batch)]) if isinstance(value, dict) else int(value)
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
 
 def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
     """Measure every configuration in ``cfg`` and write the JSON to ``out_path`` after each row (atomically).
@@ -85,18 +82,11 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
     With ``max_minutes``, configurations not started by then are listed under ``not_run`` instead of measured.
     """
     from rankslim.data import evaluate_accuracy, load_dataset
-    from rankslim.train.loop import atomic_write_bytes
 
     t_start = time.perf_counter()
     threads = cfg["threads"] or torch.get_num_threads()
     out: dict[str, Any] = {"machine": machine_info(), "threads": threads, "config": cfg, "rows": [], "not_run": [],
-                           "load_average_at_start": _load()}
-
-    def save() -> None:
-        out["load_average_at_end"] = _load()
-        out["seconds"] = round(time.perf_counter() - t_start, 1)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
+                           "load_average_at_start": load_average()}
 
     for spec_str in cfg["models"]:
         spec = resolve_model(spec_str)
@@ -119,7 +109,7 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
                 for b in cfg["batches"]:
                     if max_minutes is not None and time.perf_counter() - t_start > 60 * max_minutes:
                         out["not_run"].append({"model": spec_str, "macs_budget": frac, "runtime": rt, "batch": b})
-                        save()
+                        write_run(out, out_path, t_start)
                         continue
                     speed = {"runtime": rt, "batch": b, "threads": threads}
                     timing = dict(runtime=rt, threads=threads, warmup=_per_batch(cfg["warmup"], b),
@@ -139,7 +129,7 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
                             "model": spec_str, "macs_budget": frac, "allocation": kind, "runtime": rt, "batch": b,
                             "threads": threads, "original_ms": original.median_ms,
                             "original_iqr_ms": original.iqr_ms, "accuracy_before": acc_of(spec.model),
-                            "compress_seconds": round(seconds, 2), "load_average": _load()}
+                            "compress_seconds": round(seconds, 2), "load_average": load_average()}
                         if res is None:
                             row["infeasible"] = why
                         else:
@@ -163,8 +153,8 @@ def run(cfg: dict, out_path: Path, max_minutes: float | None = None) -> dict:
                             row["macs_kept"] = 1.0 / row["mac_reduction"]
                         out["rows"].append(row)
                         print(json.dumps(row), flush=True)
-                        save()
-    save()
+                        write_run(out, out_path, t_start)
+    write_run(out, out_path, t_start)
     return out
 
 

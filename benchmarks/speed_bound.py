@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rankslim  # noqa: E402
-from rankslim.bench import efficiency, machine_info, make_example, total_macs  # noqa: E402
+from rankslim.bench import (efficiency, load_average, machine_info, make_example, total_macs,  # noqa: E402
+                            write_run)
 from rankslim.data import evaluate_accuracy, load_dataset  # noqa: E402
 from rankslim.latency_budget import latency_model  # noqa: E402
 from rankslim.pipeline import cost_table, select  # noqa: E402
@@ -113,25 +113,14 @@ def output_error(original: torch.nn.Module, compressed: torch.nn.Module, input_s
     return float(torch.linalg.vector_norm(yc - y) / torch.linalg.vector_norm(y))
 
 
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
 
 def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
     """Measure every (model, runtime) of ``cfg`` and write the JSON to ``out_path``."""
-    from rankslim.train.loop import atomic_write_bytes
-
     t_start = time.perf_counter()
     threads = int(cfg["threads"] or torch.get_num_threads())
     out: dict[str, Any] = {"machine": machine_info(), "threads": threads, "config": cfg, "rows": [], "layers": [],
-                           "load_average_at_start": _load()}
+                           "load_average_at_start": load_average()}
     b = int(cfg["batch"])
-
-    def save() -> None:
-        out["load_average_at_end"] = _load()
-        out["seconds"] = round(time.perf_counter() - t_start, 1)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_path, json.dumps(out, indent=1).encode())
 
     for spec_str in cfg["models"]:
         spec = resolve_model(spec_str)
@@ -165,7 +154,7 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
                 row: dict[str, Any] = {"model": spec_str, "runtime": rt, "batch": b, "threads": threads,
                                        "macs_budget": frac, "samples": int(cfg["samples"]),
                                        "original_model_ms_once": lm.original_ms, "rest_ms": lm.rest_ms,
-                                       "targets_dense_ms": lm.targets_dense_ms, "load_average": _load()}
+                                       "targets_dense_ms": lm.targets_dense_ms, "load_average": load_average()}
                 if ranks is None:
                     row["infeasible"] = "no allocation of the sampled ranks meets the MAC budget"
                     out["rows"].append(row)
@@ -204,8 +193,8 @@ def run(cfg: dict[str, Any], out_path: Path) -> dict[str, Any]:
                 print(json.dumps({k: v for k, v in row.items() if k != "allocations"} | {"allocations": {
                     n: {k: v for k, v in a.items() if k != "ranks"} for n, a in row["allocations"].items()}}),
                     flush=True)
-                save()
-    save()
+                write_run(out, out_path, t_start)
+    write_run(out, out_path, t_start)
     return out
 
 

@@ -23,6 +23,7 @@ Timings on a loaded machine are noisy: compare numbers measured in one run, on a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import tempfile
@@ -452,6 +453,24 @@ def latency_markdown(d: dict[str, Any]) -> str:
                          f"{r['compressed_ms']:.3f} | {r['speedup']:.2f}x | {r['mac_reduction']:.2f}x | "
                          f"{r['efficiency']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages, rounded to 2 decimals: recorded beside every benchmark
+    timing, since timings taken while other jobs share the cores are not figures."""
+    import os
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def write_run(out: dict[str, Any], path: Path, started: float) -> None:
+    """Stamp a benchmark's results ``out`` with ``load_average_at_end`` and ``seconds`` since ``started``
+    (a ``time.perf_counter()`` value) and write them to ``path`` as JSON, atomically (a killed run leaves the
+    previous file, never half of one)."""
+    from .train.loop import atomic_write_bytes
+    out["load_average_at_end"] = load_average()
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(out, indent=1).encode())
 
 
 def machine_info() -> dict[str, Any]:

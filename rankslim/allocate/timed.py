@@ -17,18 +17,21 @@ allocator's own choice in the error proxy, as a multiple-choice 0-1 program (:mo
 The candidates of layer i are dense, the ranks its timings sampled and the reference rank (so the reference is
 feasible and the result is never predicted slower).  The floor (``fill``) keeps the MACs the budget grants
 in use: the least time at the reference's error alone often keeps far fewer MACs than granted, and the floor
-makes the program spend them where they cost the least time, which lowers the error further.  ``d_i`` is each layer's relative squared approximation error
-(of its output on the calibration data for data-aware methods, whose spectra are those of the problem solved);
+makes the program spend them where they cost the least time, which lowers the error further.  ``d_i`` is each
+layer's relative squared approximation error (of its output on the calibration data for data-aware methods,
+whose spectra are those of the problem solved);
 summing it treats the layers' errors as adding up, which is the usual first-order reading, not a guarantee of
 accuracy: benchmarks compare accuracy on trained models (``benchmarks/speed.py``).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
+from ..latency_cache import interpolate
 from .base import Allocation, Budget, CostTable, Ranks
 from .choice import ChoiceRow, solve_choice
 
@@ -39,18 +42,15 @@ ERROR_TOL = 1e-9
 FILL_GAP = 0.01
 
 
-def residual_fraction(sigma, r: int | None) -> float:
-    """``1 - sum_{j<=r} sigma_j^2 / sum_j sigma_j^2`` for a descending spectrum ``sigma`` (``None``: dense, 0)."""
-    if r is None:
-        return 0.0
-    s2 = np.square(np.asarray(sigma.double().cpu() if hasattr(sigma, "double") else sigma, dtype=float))
-    total = float(s2.sum())
-    return 0.0 if total <= 0 else max(0.0, 1.0 - float(s2[: int(r)].sum()) / total)
-
-
-def _interpolate(times: Mapping[int, float], r: int) -> float:
-    from ..latency_cache import interpolate
-    return float(interpolate(times, int(r)))
+def residual_fractions(sigma: torch.Tensor, ranks: Sequence[int | None]) -> np.ndarray:
+    """``1 - sum_{j<=r} sigma_j^2 / sum_j sigma_j^2`` for each ``r`` of ``ranks`` (``None``: dense, 0), for a
+    descending spectrum ``sigma`` of shape ``(max_rank,)``; the squared spectrum is summed once."""
+    cum = np.concatenate([[0.0], np.cumsum(np.square(sigma.double().cpu().numpy()))])
+    total = float(cum[-1])
+    if total <= 0:
+        return np.zeros(len(ranks))
+    return np.array([0.0 if r is None else max(0.0, 1.0 - float(cum[min(int(r), len(cum) - 1)]) / total)
+                     for r in ranks])
 
 
 def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
@@ -85,16 +85,16 @@ def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
         if ref is not None and ref not in cands:  # the reference's own rank, even if decide() would round it
             cands.append(ref)
 
-        def ms(r: int | None) -> float:
-            return float(m["dense"]) if r is None else _interpolate(measured, r)
         names.append(lo.name)
         options.append(cands)
-        times.append(np.array([ms(r) for r in cands]))
-        errors.append(np.array([residual_fraction(lo.sigma, r) for r in cands]))
+        times.append(np.array([float(m["dense"]) if r is None else float(interpolate(measured, r)) for r in cands]))
+        errors.append(residual_fractions(lo.sigma, cands))
         for q in costs:
             costs[q].append(np.array([float(table.layer_cost(lo, r).get(q)) for r in cands]))
-        ref_time += ms(ref)
-        ref_err += residual_fraction(lo.sigma, ref)
+        # the reference's rank is always among the candidates
+        k = cands.index(ref)
+        ref_time += float(times[-1][k])
+        ref_err += float(errors[-1][k])
     cap = (1.0 + float(slack)) * ref_err + ERROR_TOL
     rows = [ChoiceRow(costs[q], upper=budget.limit(q, table.original) - table.fixed.get(q)) for q in costs]
     if fill and "macs" in costs:
@@ -121,4 +121,4 @@ def fastest_within_error(table: CostTable, reference: Mapping[str, int | None],
     return Allocation(ranks, info=info)
 
 
-__all__ = ["ERROR_TOL", "fastest_within_error", "residual_fraction"]
+__all__ = ["ERROR_TOL", "FILL_GAP", "fastest_within_error", "residual_fractions"]
